@@ -1,0 +1,107 @@
+"""Every config key comformer adds to detectron2's defaults, one comment each."""
+from detectron2.config import CfgNode as CN
+
+__all__ = ["add_comformer_config"]
+
+
+def add_comformer_config(cfg: CN) -> None:
+    """Add comformer's keys (model, data, solver, continual) to a detectron2 config in place."""
+    # ---------------------------------------------------------------- data
+    # Dataset mapper used by the trainer, by name in MAPPER_REGISTRY ("" = chosen from the dataset's
+    # evaluator_type: panoptic datasets use the panoptic mapper, semantic ones the semantic mapper).
+    cfg.INPUT.DATASET_MAPPER_NAME = ""
+    # Colour augmentation (brightness/contrast/saturation/lighting jitter) in training.
+    cfg.INPUT.COLOR_AUG_SSD = False
+    # Max fraction of the crop a single category may cover (detectron2's category-area constraint).
+    cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 1.0
+    # Pad training images to this square size (-1: no padding beyond the size divisibility).
+    cfg.INPUT.SIZE_DIVISIBILITY = -1
+
+    # ---------------------------------------------------------------- solver
+    # AdamW / SGD weight decay applied to normalisation layers' parameters.
+    cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0
+    # Optimizer name: "ADAMW" or "SGD".
+    cfg.SOLVER.OPTIMIZER = "ADAMW"
+    # Learning-rate multiplier for the backbone's parameters.
+    cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
+
+    # ---------------------------------------------------------------- mask former
+    cfg.MODEL.MASK_FORMER = CN()
+    # Loss weights: deep supervision on every decoder layer, no-object class weight, class/dice/mask.
+    cfg.MODEL.MASK_FORMER.DEEP_SUPERVISION = True
+    cfg.MODEL.MASK_FORMER.NO_OBJECT_WEIGHT = 0.1
+    cfg.MODEL.MASK_FORMER.CLASS_WEIGHT = 2.0
+    cfg.MODEL.MASK_FORMER.DICE_WEIGHT = 5.0
+    cfg.MODEL.MASK_FORMER.MASK_WEIGHT = 5.0
+    # Transformer decoder: name in TRANSFORMER_DECODER_REGISTRY and its sizes.
+    cfg.MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME = "MultiScaleMaskedTransformerDecoder"
+    # Feature fed to the transformer decoder ("multi_scale_pixel_decoder" = the pixel decoder's levels).
+    cfg.MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE = "multi_scale_pixel_decoder"
+    cfg.MODEL.MASK_FORMER.HIDDEN_DIM = 256
+    cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES = 100
+    cfg.MODEL.MASK_FORMER.NHEADS = 8
+    cfg.MODEL.MASK_FORMER.DROPOUT = 0.0
+    cfg.MODEL.MASK_FORMER.DIM_FEEDFORWARD = 2048
+    # Number of decoder layers including the initial prediction from the learnable queries (10 = 9 + 1).
+    cfg.MODEL.MASK_FORMER.DEC_LAYERS = 10
+    # Apply LayerNorm before (True) or after (False) attention/FFN in the decoder layers.
+    cfg.MODEL.MASK_FORMER.PRE_NORM = False
+    # Images are padded to a multiple of this (0: the backbone's size divisibility).
+    cfg.MODEL.MASK_FORMER.SIZE_DIVISIBILITY = 32
+    # Mask normalisation: "sigmoid" (Mask2Former: each mask independent) or "softmax" (CoMFormer:
+    # a softmax across queries per pixel) in matching, mask losses and inference.
+    cfg.MODEL.MASK_FORMER.MASK_ACTIVATION = "sigmoid"
+    # Point-sampled mask losses: points per mask, oversampling ratio, fraction chosen by uncertainty.
+    cfg.MODEL.MASK_FORMER.TRAIN_NUM_POINTS = 112 * 112
+    cfg.MODEL.MASK_FORMER.OVERSAMPLE_RATIO = 3.0
+    cfg.MODEL.MASK_FORMER.IMPORTANCE_SAMPLE_RATIO = 0.75
+
+    cfg.MODEL.MASK_FORMER.TEST = CN()
+    # Which outputs inference produces.
+    cfg.MODEL.MASK_FORMER.TEST.SEMANTIC_ON = True
+    cfg.MODEL.MASK_FORMER.TEST.INSTANCE_ON = False
+    cfg.MODEL.MASK_FORMER.TEST.PANOPTIC_ON = False
+    # Panoptic: queries below this class score are dropped; a segment whose visible part is less
+    # than this fraction of its mask is dropped.
+    cfg.MODEL.MASK_FORMER.TEST.OBJECT_MASK_THRESHOLD = 0.8
+    cfg.MODEL.MASK_FORMER.TEST.OVERLAP_THRESHOLD = 0.8
+    # Post-process semantic output before resizing it back to the input size.
+    cfg.MODEL.MASK_FORMER.TEST.SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE = False
+
+    # ---------------------------------------------------------------- pixel decoder
+    # (cfg.MODEL.SEM_SEG_HEAD exists in detectron2; these keys extend it.)
+    # Dimension of the per-pixel mask embeddings the queries are dotted with.
+    cfg.MODEL.SEM_SEG_HEAD.MASK_DIM = 256
+    # Pixel decoder: name in PIXEL_DECODER_REGISTRY.
+    cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME = "MSDeformAttnPixelDecoder"
+    # Backbone features the deformable-attention encoder attends over.
+    cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES = ["res3", "res4", "res5"]
+    cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS = 4
+    cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS = 8
+    cfg.MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS = 6
+    # Feed-forward width of the deformable encoder layers.
+    cfg.MODEL.SEM_SEG_HEAD.DIM_FEEDFORWARD = 1024
+    # Stride of the mask features (the lateral path's output), relative to the input.
+    cfg.MODEL.SEM_SEG_HEAD.COMMON_STRIDE = 4
+
+    # ---------------------------------------------------------------- swin backbone
+    cfg.MODEL.SWIN = CN()
+    # Sizes of Swin-T (other variants set EMBED_DIM, DEPTHS, NUM_HEADS in their yaml).
+    cfg.MODEL.SWIN.PRETRAIN_IMG_SIZE = 224
+    cfg.MODEL.SWIN.PATCH_SIZE = 4
+    cfg.MODEL.SWIN.EMBED_DIM = 96
+    cfg.MODEL.SWIN.DEPTHS = [2, 2, 6, 2]
+    cfg.MODEL.SWIN.NUM_HEADS = [3, 6, 12, 24]
+    cfg.MODEL.SWIN.WINDOW_SIZE = 7
+    cfg.MODEL.SWIN.MLP_RATIO = 4.0
+    cfg.MODEL.SWIN.QKV_BIAS = True
+    cfg.MODEL.SWIN.QK_SCALE = None
+    cfg.MODEL.SWIN.DROP_RATE = 0.0
+    cfg.MODEL.SWIN.ATTN_DROP_RATE = 0.0
+    cfg.MODEL.SWIN.DROP_PATH_RATE = 0.3
+    cfg.MODEL.SWIN.APE = False
+    cfg.MODEL.SWIN.PATCH_NORM = True
+    # Stages returned, named res2..res5 like detectron2's ResNets.
+    cfg.MODEL.SWIN.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    # Gradient checkpointing inside Swin blocks (saves memory at the cost of recomputation).
+    cfg.MODEL.SWIN.USE_CHECKPOINT = False
