@@ -1,0 +1,165 @@
+"""Turning one image's query predictions into semantic, panoptic and instance outputs.
+
+Shapes: Q queries, K classes (no-object excluded, so class logits have K+1 entries), H W the output size.
+
+Masks are normalised in one of two ways, chosen by ``mask_activation``:
+- "sigmoid" (Mask2Former): each query's mask is an independent per-pixel probability;
+- "softmax" (CoMFormer): a softmax across queries at every pixel, so the queries compete for pixels.
+"""
+from typing import Dict, List, Tuple
+
+import torch
+from torch.nn import functional as F
+
+from detectron2.structures import Boxes, Instances
+
+__all__ = [
+    "MASK_ACTIVATIONS",
+    "mask_probabilities",
+    "semantic_inference",
+    "panoptic_inference",
+    "instance_inference",
+]
+
+MASK_ACTIVATIONS = ("sigmoid", "softmax")
+
+
+def mask_probabilities(mask_logits: torch.Tensor, activation: str, query_dim: int = 0) -> torch.Tensor:
+    """
+    Args:
+        mask_logits: mask logits with queries along ``query_dim``.
+        activation: "sigmoid" or "softmax" (across queries).
+        query_dim: the query dimension (used by "softmax" only).
+    Returns:
+        mask probabilities of the same shape.
+    """
+    if activation == "sigmoid":
+        return mask_logits.sigmoid()
+    if activation == "softmax":
+        return mask_logits.softmax(dim=query_dim)
+    raise ValueError(f"mask activation {activation!r} is not one of {MASK_ACTIVATIONS}")
+
+
+def semantic_inference(
+    mask_cls: torch.Tensor, mask_pred: torch.Tensor, mask_activation: str = "sigmoid"
+) -> torch.Tensor:
+    """
+    Args:
+        mask_cls: (Q, K+1) class logits.
+        mask_pred: (Q, H, W) mask logits.
+    Returns:
+        (K, H, W) per-class scores: class probability times mask probability, summed over queries.
+    """
+    cls_prob = F.softmax(mask_cls, dim=-1)[:, :-1]
+    mask_prob = mask_probabilities(mask_pred, mask_activation)
+    return torch.einsum("qc,qhw->chw", cls_prob, mask_prob)
+
+
+def panoptic_inference(
+    mask_cls: torch.Tensor,
+    mask_pred: torch.Tensor,
+    *,
+    thing_ids: set,
+    object_mask_threshold: float,
+    overlap_threshold: float,
+    mask_activation: str = "sigmoid",
+) -> Tuple[torch.Tensor, List[Dict]]:
+    """
+    Args:
+        mask_cls: (Q, K+1) class logits.
+        mask_pred: (Q, H, W) mask logits.
+        thing_ids: contiguous class ids that are things; the others are stuff (one segment per class).
+        object_mask_threshold: queries whose best class probability is not above this are dropped,
+            as are queries whose best class is no-object.
+        overlap_threshold: a query keeps its segment only if the pixels it wins are at least this
+            fraction of its own binarised mask (prob >= 0.5).
+        mask_activation: "sigmoid" or "softmax" (across all Q queries, before any is dropped).
+    Returns:
+        panoptic_seg: (H, W) int32, 0 = void, segment ids 1..S.
+        segments_info: S dicts with ``id``, ``category_id`` (contiguous), ``isthing``.
+    """
+    num_classes = mask_cls.shape[-1] - 1
+    scores, labels = F.softmax(mask_cls, dim=-1).max(-1)
+    mask_prob = mask_probabilities(mask_pred, mask_activation)
+    keep = labels.ne(num_classes) & (scores > object_mask_threshold)
+    cur_scores, cur_classes, cur_masks = scores[keep], labels[keep], mask_prob[keep]
+
+    h, w = mask_pred.shape[-2:]
+    panoptic_seg = torch.zeros((h, w), dtype=torch.int32, device=mask_pred.device)
+    segments_info: List[Dict] = []
+    if cur_masks.shape[0] == 0:
+        return panoptic_seg, segments_info
+
+    # Each pixel goes to the query with the highest score-weighted mask probability.
+    cur_mask_ids = (cur_scores.view(-1, 1, 1) * cur_masks).argmax(0)
+    stuff_segment_of_class: Dict[int, int] = {}
+    for k, pred_class in enumerate(cur_classes.tolist()):
+        isthing = pred_class in thing_ids
+        binary = cur_masks[k] >= 0.5
+        won = cur_mask_ids == k
+        won_area = int(won.sum())
+        original_area = int(binary.sum())
+        mask = won & binary
+        if won_area == 0 or original_area == 0 or not bool(mask.any()):
+            continue
+        if won_area / original_area < overlap_threshold:
+            continue
+        if not isthing and pred_class in stuff_segment_of_class:
+            # Stuff is amorphous: a second query of the same stuff class extends its segment.
+            panoptic_seg[mask] = stuff_segment_of_class[pred_class]
+            continue
+        segment_id = len(segments_info) + 1
+        if not isthing:
+            stuff_segment_of_class[pred_class] = segment_id
+        panoptic_seg[mask] = segment_id
+        segments_info.append({"id": segment_id, "isthing": bool(isthing), "category_id": pred_class})
+    return panoptic_seg, segments_info
+
+
+def instance_inference(
+    mask_cls: torch.Tensor,
+    mask_pred: torch.Tensor,
+    *,
+    image_size: Tuple[int, int],
+    topk: int,
+    thing_ids: set,
+    panoptic_on: bool,
+    mask_activation: str = "sigmoid",
+) -> Instances:
+    """
+    Args:
+        mask_cls: (Q, K+1) class logits.
+        mask_pred: (Q, H, W) mask logits.
+        image_size: (H, W).
+        topk: number of (query, class) pairs kept.
+        thing_ids: contiguous ids of thing classes.
+        panoptic_on: if True only thing classes are kept (stuff belongs to the panoptic output).
+    Returns:
+        Instances with pred_masks (N, H, W) float, pred_boxes (zeros: masks only), scores, pred_classes.
+    """
+    num_queries, num_classes = mask_cls.shape[0], mask_cls.shape[1] - 1
+    scores = F.softmax(mask_cls, dim=-1)[:, :-1]
+    labels = torch.arange(num_classes, device=mask_cls.device).repeat(num_queries)
+    scores_per_image, topk_indices = scores.flatten().topk(min(topk, scores.numel()), sorted=False)
+    labels_per_image = labels[topk_indices]
+    query_indices = topk_indices // num_classes
+    mask_prob = mask_probabilities(mask_pred, mask_activation)[query_indices]
+    if panoptic_on:
+        is_thing = torch.tensor(
+            [int(c) in thing_ids for c in labels_per_image.tolist()],
+            dtype=torch.bool,
+            device=mask_cls.device,
+        )
+        scores_per_image = scores_per_image[is_thing]
+        labels_per_image = labels_per_image[is_thing]
+        mask_prob = mask_prob[is_thing]
+
+    result = Instances(image_size)
+    binary = (mask_prob >= 0.5).float()
+    result.pred_masks = binary
+    result.pred_boxes = Boxes(torch.zeros(binary.shape[0], 4, device=binary.device))
+    # Rescore by the mean mask probability inside the binarised mask, as Mask2Former does.
+    mask_scores = (mask_prob * binary).flatten(1).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
+    result.scores = scores_per_image * mask_scores
+    result.pred_classes = labels_per_image
+    return result

@@ -1,0 +1,258 @@
+"""The Mask2Former-style meta-architecture, registered in detectron2's META_ARCH_REGISTRY.
+
+Shapes: B images, Q queries, K classes (class logits have K+1 entries, the last is no-object),
+H W image size, h w mask-feature size (1/4 of the padded image).
+"""
+from typing import Dict, List, Tuple
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from detectron2.config import configurable
+from detectron2.data import MetadataCatalog
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, build_sem_seg_head
+from detectron2.modeling.backbone import Backbone
+from detectron2.modeling.postprocessing import sem_seg_postprocess
+from detectron2.structures import ImageList
+
+from .criterion import SetCriterion
+from .inference import MASK_ACTIVATIONS, instance_inference, panoptic_inference, semantic_inference
+from .matcher import HungarianMatcher
+
+__all__ = ["MaskFormer"]
+
+
+@META_ARCH_REGISTRY.register()
+class MaskFormer(nn.Module):
+    """
+    Backbone -> pixel decoder -> masked-attention transformer decoder, trained with Hungarian matching.
+
+    Follows detectron2's model contract: ``forward(list[dict])`` returns a dict of weighted losses in
+    training, and one dict per image with ``sem_seg`` (K, H, W), ``panoptic_seg``
+    ((H, W) int32, segments_info) and/or ``instances`` in inference.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: Backbone,
+        sem_seg_head: nn.Module,
+        criterion: SetCriterion,
+        num_queries: int,
+        object_mask_threshold: float,
+        overlap_threshold: float,
+        metadata,
+        size_divisibility: int,
+        sem_seg_postprocess_before_inference: bool,
+        pixel_mean: Tuple[float, ...],
+        pixel_std: Tuple[float, ...],
+        semantic_on: bool,
+        panoptic_on: bool,
+        instance_on: bool,
+        test_topk_per_image: int,
+        mask_activation: str = "sigmoid",
+    ):
+        """
+        Args:
+            backbone: detectron2 backbone.
+            sem_seg_head: module returning the prediction dict (see ``MaskFormerHead``).
+            criterion: the set criterion; its ``weight_dict`` weights the losses.
+            num_queries: Q.
+            object_mask_threshold, overlap_threshold: panoptic inference thresholds.
+            metadata: dataset metadata; ``thing_dataset_id_to_contiguous_id`` tells things from stuff.
+            size_divisibility: pad images to a multiple of this (0: the backbone's).
+            sem_seg_postprocess_before_inference: resize masks to the output size before semantic
+                inference (needed for panoptic / instance outputs anyway).
+            pixel_mean, pixel_std: per-channel normalisation of the input image.
+            semantic_on, panoptic_on, instance_on: which outputs inference produces.
+            test_topk_per_image: instances kept per image.
+            mask_activation: "sigmoid" or "softmax" (across queries) at inference.
+        """
+        super().__init__()
+        if mask_activation not in MASK_ACTIVATIONS:
+            raise ValueError(
+                f"MODEL.MASK_FORMER.MASK_ACTIVATION={mask_activation!r}; valid: {MASK_ACTIVATIONS}"
+            )
+        self.backbone = backbone
+        self.sem_seg_head = sem_seg_head
+        self.criterion = criterion
+        self.num_queries = num_queries
+        self.overlap_threshold = overlap_threshold
+        self.object_mask_threshold = object_mask_threshold
+        self.metadata = metadata
+        if size_divisibility < 0:
+            raise ValueError(f"size_divisibility must be >= 0, got {size_divisibility}")
+        self.size_divisibility = size_divisibility or self.backbone.size_divisibility
+        self.sem_seg_postprocess_before_inference = sem_seg_postprocess_before_inference
+        # Not persistent: Mask2Former checkpoints do not carry them, and configs set them.
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        self.semantic_on = semantic_on
+        self.instance_on = instance_on
+        self.panoptic_on = panoptic_on
+        self.test_topk_per_image = test_topk_per_image
+        self.mask_activation = mask_activation
+        if not self.semantic_on and (self.panoptic_on or self.instance_on):
+            # panoptic/instance inference needs full-resolution masks
+            self.sem_seg_postprocess_before_inference = True
+
+    @classmethod
+    def from_config(cls, cfg):
+        backbone = build_backbone(cfg)
+        sem_seg_head = build_sem_seg_head(cfg, backbone.output_shape())
+        mf = cfg.MODEL.MASK_FORMER
+        matcher = HungarianMatcher(
+            cost_class=mf.CLASS_WEIGHT,
+            cost_mask=mf.MASK_WEIGHT,
+            cost_dice=mf.DICE_WEIGHT,
+            num_points=mf.TRAIN_NUM_POINTS,
+            mask_activation=mf.MASK_ACTIVATION,
+        )
+        base_weights = {
+            "loss_ce": mf.CLASS_WEIGHT,
+            "loss_mask": mf.MASK_WEIGHT,
+            "loss_dice": mf.DICE_WEIGHT,
+        }
+        weight_dict = dict(base_weights)
+        if mf.DEEP_SUPERVISION:
+            # one auxiliary prediction per decoder layer but the last (DEC_LAYERS counts the initial one)
+            for i in range(mf.DEC_LAYERS - 1):
+                weight_dict.update({f"{k}_{i}": v for k, v in base_weights.items()})
+        criterion = SetCriterion(
+            cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
+            matcher=matcher,
+            weight_dict=weight_dict,
+            eos_coef=mf.NO_OBJECT_WEIGHT,
+            losses=["labels", "masks"],
+            num_points=mf.TRAIN_NUM_POINTS,
+            oversample_ratio=mf.OVERSAMPLE_RATIO,
+            importance_sample_ratio=mf.IMPORTANCE_SAMPLE_RATIO,
+            mask_activation=mf.MASK_ACTIVATION,
+        )
+        return {
+            "backbone": backbone,
+            "sem_seg_head": sem_seg_head,
+            "criterion": criterion,
+            "num_queries": mf.NUM_OBJECT_QUERIES,
+            "object_mask_threshold": mf.TEST.OBJECT_MASK_THRESHOLD,
+            "overlap_threshold": mf.TEST.OVERLAP_THRESHOLD,
+            "metadata": MetadataCatalog.get(cfg.DATASETS.TRAIN[0]) if cfg.DATASETS.TRAIN else None,
+            "size_divisibility": mf.SIZE_DIVISIBILITY,
+            "sem_seg_postprocess_before_inference": (
+                mf.TEST.SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE
+                or mf.TEST.PANOPTIC_ON
+                or mf.TEST.INSTANCE_ON
+            ),
+            "pixel_mean": tuple(cfg.MODEL.PIXEL_MEAN),
+            "pixel_std": tuple(cfg.MODEL.PIXEL_STD),
+            "semantic_on": mf.TEST.SEMANTIC_ON,
+            "instance_on": mf.TEST.INSTANCE_ON,
+            "panoptic_on": mf.TEST.PANOPTIC_ON,
+            "test_topk_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+            "mask_activation": mf.MASK_ACTIVATION,
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    @property
+    def thing_ids(self) -> set:
+        if self.metadata is None:
+            return set()
+        return set(getattr(self.metadata, "thing_dataset_id_to_contiguous_id", {}).values())
+
+    def preprocess_images(self, batched_inputs: List[Dict]) -> ImageList:
+        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        return ImageList.from_tensors(images, self.size_divisibility)
+
+    def forward(self, batched_inputs: List[Dict]):
+        """
+        Args:
+            batched_inputs: a list of dataset-mapper outputs, each with ``image`` (C, H, W) and in
+                training ``instances`` (gt_classes, gt_masks); optional ``height``/``width`` give the
+                output resolution in inference.
+        Returns:
+            training: dict of weighted losses; inference: list of dicts (see the class docstring).
+        """
+        images = self.preprocess_images(batched_inputs)
+        features = self.backbone(images.tensor)
+        outputs = self.sem_seg_head(features)
+
+        if self.training:
+            targets = self.prepare_targets(batched_inputs, images)
+            return self.weighted_losses(self.criterion(outputs, targets))
+        return self.inference(outputs, batched_inputs, images)
+
+    def weighted_losses(self, losses: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Multiply each loss by its weight; losses without a weight are not optimised."""
+        weight_dict = self.criterion.weight_dict
+        return {k: v * weight_dict[k] for k, v in losses.items() if k in weight_dict}
+
+    def prepare_targets(self, batched_inputs: List[Dict], images: ImageList) -> List[Dict]:
+        """Ground truth per image: labels (N,) and masks (N, H_pad, W_pad) padded like the image."""
+        h_pad, w_pad = images.tensor.shape[-2:]
+        targets = []
+        for x in batched_inputs:
+            if "instances" not in x:
+                raise KeyError(
+                    "training inputs need 'instances' (gt_classes, gt_masks); the dataset mapper "
+                    "did not produce them"
+                )
+            inst = x["instances"].to(self.device)
+            gt_masks = inst.gt_masks
+            if hasattr(gt_masks, "tensor"):  # BitMasks
+                gt_masks = gt_masks.tensor
+            padded = gt_masks.new_zeros((gt_masks.shape[0], h_pad, w_pad))
+            padded[:, : gt_masks.shape[1], : gt_masks.shape[2]] = gt_masks
+            targets.append({"labels": inst.gt_classes, "masks": padded})
+        return targets
+
+    def inference(self, outputs: Dict, batched_inputs: List[Dict], images: ImageList) -> List[Dict]:
+        mask_cls_results = outputs["pred_logits"]
+        # upsample the 1/4-resolution masks to the padded input size
+        mask_pred_results = F.interpolate(
+            outputs["pred_masks"],
+            size=images.tensor.shape[-2:],
+            mode="bilinear",
+            align_corners=False,
+        )
+        processed = []
+        for mask_cls, mask_pred, x, image_size in zip(
+            mask_cls_results, mask_pred_results, batched_inputs, images.image_sizes
+        ):
+            height = x.get("height", image_size[0])
+            width = x.get("width", image_size[1])
+            result: Dict = {}
+            if self.sem_seg_postprocess_before_inference:
+                mask_pred = sem_seg_postprocess(mask_pred, image_size, height, width)
+                mask_cls = mask_cls.to(mask_pred)
+
+            if self.semantic_on:
+                sem_seg = semantic_inference(mask_cls, mask_pred, self.mask_activation)
+                if not self.sem_seg_postprocess_before_inference:
+                    sem_seg = sem_seg_postprocess(sem_seg, image_size, height, width)
+                result["sem_seg"] = sem_seg
+            if self.panoptic_on:
+                result["panoptic_seg"] = panoptic_inference(
+                    mask_cls,
+                    mask_pred,
+                    thing_ids=self.thing_ids,
+                    object_mask_threshold=self.object_mask_threshold,
+                    overlap_threshold=self.overlap_threshold,
+                    mask_activation=self.mask_activation,
+                )
+            if self.instance_on:
+                result["instances"] = instance_inference(
+                    mask_cls,
+                    mask_pred,
+                    image_size=(height, width),
+                    topk=self.test_topk_per_image,
+                    thing_ids=self.thing_ids,
+                    panoptic_on=self.panoptic_on,
+                    mask_activation=self.mask_activation,
+                )
+            processed.append(result)
+        return processed
