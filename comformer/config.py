@@ -105,3 +105,34 @@ def add_comformer_config(cfg: CN) -> None:
     cfg.MODEL.SWIN.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
     # Gradient checkpointing inside Swin blocks (saves memory at the cost of recomputation).
     cfg.MODEL.SWIN.USE_CHECKPOINT = False
+
+    # ---------------------------------------------------------------- continual scenario
+    cfg.CONT = CN()
+    # Task as "<base>-<increment>" (e.g. "100-10"): base classes first, then increments until every
+    # class of DATASETS.TRAIN[0] is learned. Empty with STEP_CLASSES empty: not a continual run.
+    cfg.CONT.TASK = ""
+    # Explicit class ids per step instead of TASK, e.g. [[0, 1, 2], [3], [4, 5]] (fixes the order).
+    cfg.CONT.STEP_CLASSES = []
+    # Class order for TASK: dataset order by default; or the class ids in order (ORDER), or a file of
+    # whitespace-separated class ids (ORDER_FILE), or a random order from this seed (ORDER_SEED >= 0).
+    cfg.CONT.ORDER = []
+    cfg.CONT.ORDER_FILE = ""
+    cfg.CONT.ORDER_SEED = -1
+    # "overlap": a step's images may show future classes (unlabelled); "disjoint": such images dropped.
+    cfg.CONT.MODE = "overlap"
+    # Step to run (-1: every step of the scenario, skipping finished ones).
+    cfg.CONT.STEP = -1
+    # Continual method, by name in the method registry (ft, joint, ...).
+    cfg.CONT.METHOD = "ft"
+    # Iterations of an incremental step: INC_ITERS_PER_CLASS x new classes when > 0, else INC_MAX_ITER,
+    # else SOLVER.MAX_ITER (which always sets the base step's iterations).
+    cfg.CONT.INC_ITERS_PER_CLASS = 0
+    cfg.CONT.INC_MAX_ITER = -1
+    # Base learning rate of incremental steps (-1: SOLVER.BASE_LR).
+    cfg.CONT.INC_BASE_LR = -1.0
+    # A finished step-0 checkpoint to start from instead of training the base step.
+    cfg.CONT.BASE_WEIGHTS = ""
+    # Keep the classifier rows of old classes fixed during incremental steps.
+    cfg.CONT.FREEZE_OLD_CLASSIFIER = False
+    # Validation images drawn with their predictions after each step (OUTPUT_DIR/step<t>/vis).
+    cfg.CONT.VIS_IMAGES = 4

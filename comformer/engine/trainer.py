@@ -2,6 +2,7 @@
 import itertools
 import logging
 import os
+import weakref
 from typing import Any, Dict, List
 
 import torch
@@ -16,6 +17,7 @@ from detectron2.solver.build import get_default_optimizer_params, maybe_add_grad
 from ..config import add_comformer_config
 from ..data.mappers import build_train_mapper
 from ..evaluation import build_evaluator
+from ..utils.io import AtomicDetectionCheckpointer
 
 __all__ = ["Trainer", "build_optimizer", "setup_cfg"]
 
@@ -82,7 +84,15 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
 
 
 class Trainer(DefaultTrainer):
-    """DefaultTrainer with comformer's data mappers, optimizer, poly schedule and evaluators."""
+    """DefaultTrainer with comformer's data mappers, optimizer, poly schedule and evaluators, and
+    checkpoints written atomically."""
+
+    def build_hooks(self):
+        # DefaultTrainer made its checkpointer just before; the hooks must save through ours.
+        self.checkpointer = AtomicDetectionCheckpointer(
+            self.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        )
+        return super().build_hooks()
 
     @classmethod
     def build_train_loader(cls, cfg):

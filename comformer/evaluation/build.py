@@ -12,13 +12,14 @@ as ``fn(cfg, dataset_name, output_folder)`` that returns a list of detectron2 Da
 """
 
 
-@EVALUATOR_REGISTRY.register("sem_seg")
-def _semantic_evaluators(cfg, dataset_name, output_folder):
+# Members are named after the evaluator_type they serve (fvcore registers a function by its name).
+@EVALUATOR_REGISTRY.register()
+def sem_seg(cfg, dataset_name, output_folder):
     return [SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder)]
 
 
-@EVALUATOR_REGISTRY.register("coco_panoptic_seg")
-def _panoptic_evaluators(cfg, dataset_name, output_folder):
+@EVALUATOR_REGISTRY.register()
+def coco_panoptic_seg(cfg, dataset_name, output_folder):
     evaluators = []
     if cfg.MODEL.MASK_FORMER.TEST.PANOPTIC_ON:
         evaluators.append(COCOPanopticEvaluator(dataset_name, output_folder))

@@ -35,12 +35,13 @@ _MAPPER_BY_EVALUATOR_TYPE = {
 }
 
 
-def build_train_mapper(cfg, dataset_name: Optional[str] = None):
+def build_train_mapper(cfg, dataset_name: Optional[str] = None, **kwargs):
     """
     Args:
         cfg: the config; INPUT.DATASET_MAPPER_NAME names the mapper, or "" to choose it from the
             first training dataset's ``evaluator_type``.
         dataset_name: dataset whose metadata decides the mapper (default: cfg.DATASETS.TRAIN[0]).
+        kwargs: constructor arguments that override the config's (e.g. ``label_map``).
     Returns:
         a callable mapper.
     """
@@ -60,7 +61,7 @@ def build_train_mapper(cfg, dataset_name: Optional[str] = None):
             f"INPUT.DATASET_MAPPER_NAME={name!r} is not registered; valid: "
             f"{sorted(MAPPER_REGISTRY._obj_map)}"
         )
-    return MAPPER_REGISTRY.get(name)(cfg, is_train=True)
+    return MAPPER_REGISTRY.get(name)(cfg, is_train=True, **kwargs)
 
 
 def build_augmentation(cfg, is_train: bool = True) -> List[T.Augmentation]:
@@ -133,6 +134,7 @@ class SegmentationMapperBase:
         image_format: str,
         ignore_label: int,
         size_divisibility: int,
+        label_map: Optional[np.ndarray] = None,
     ):
         """
         Args:
@@ -141,12 +143,36 @@ class SegmentationMapperBase:
             image_format: detectron2 image format, e.g. "RGB".
             ignore_label: label of void pixels in semantic maps (also used for padding).
             size_divisibility: pad to a multiple of this (<= 0: no padding).
+            label_map: (K,) int64, the training label of each dataset class id, -1 for a class that
+                is not a target (continual steps; see ``Scenario.label_map``). None: labels as is.
         """
         self.is_train = is_train
         self.augmentations = T.AugmentationList(augmentations)
         self.image_format = image_format
         self.ignore_label = ignore_label
         self.size_divisibility = size_divisibility
+        self.label_map = None if label_map is None else np.asarray(label_map, dtype=np.int64)
+        if self.label_map is not None:
+            # Lookup table for label maps: removed classes and unknown values become ignore.
+            lut = np.full(max(256, len(self.label_map) + 1), ignore_label, dtype=np.int64)
+            lut[: len(self.label_map)] = np.where(self.label_map >= 0, self.label_map, ignore_label)
+            self._semantic_lut = lut
+
+    def map_class(self, category_id: int) -> int:
+        """Training label of a dataset class id; -1 when the class is not a target."""
+        if self.label_map is None:
+            return category_id
+        if not 0 <= category_id < len(self.label_map):
+            raise ValueError(
+                f"class id {category_id} is outside the dataset's classes 0..{len(self.label_map) - 1}"
+            )
+        return int(self.label_map[category_id])
+
+    def map_semantic(self, sem_seg: np.ndarray) -> np.ndarray:
+        """Apply the label map to a semantic label map (ignore stays ignore)."""
+        if self.label_map is None:
+            return sem_seg
+        return self._semantic_lut[sem_seg.astype(np.int64)]
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True):

@@ -40,6 +40,8 @@ class PanopticDatasetMapper(SegmentationMapperBase):
 
         image, sem_seg, transforms = self.augment(image, sem_seg)
         pan_seg = rgb2id(transforms.apply_segmentation(pan_seg))
+        if sem_seg is not None:
+            sem_seg = self.map_semantic(sem_seg)
         image_t, sem_t = self.to_tensors(image, sem_seg)
         dataset_dict["image"] = image_t
         if sem_t is not None:
@@ -50,9 +52,10 @@ class PanopticDatasetMapper(SegmentationMapperBase):
         pan_padded[: pan_seg.shape[0], : pan_seg.shape[1]] = pan_seg
         classes, masks = [], []
         for segment in dataset_dict["segments_info"]:
-            if segment.get("iscrowd", 0):
+            label = self.map_class(segment["category_id"])
+            if segment.get("iscrowd", 0) or label < 0:
                 continue
-            classes.append(segment["category_id"])
+            classes.append(label)
             masks.append(pan_padded == segment["id"])
         dataset_dict["instances"] = make_instances(padded_shape, classes, masks)
         return dataset_dict

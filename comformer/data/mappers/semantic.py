@@ -24,7 +24,7 @@ class SemanticDatasetMapper(SegmentationMapperBase):
                 "mapper needs semantic annotations"
             )
         image, sem_seg, _ = self.augment(image, sem_seg.astype("double"))
-        image_t, sem_t = self.to_tensors(image, sem_seg)
+        image_t, sem_t = self.to_tensors(image, self.map_semantic(sem_seg))
         dataset_dict["image"] = image_t
         dataset_dict["sem_seg"] = sem_t
 
