@@ -136,3 +136,57 @@ def add_comformer_config(cfg: CN) -> None:
     cfg.CONT.FREEZE_OLD_CLASSIFIER = False
     # Validation images drawn with their predictions after each step (OUTPUT_DIR/step<t>/vis).
     cfg.CONT.VIS_IMAGES = 4
+
+    # ---------------------------------------------------------------- continual methods
+    # MiB (CONT.METHOD mib), each component switchable for ablations.
+    cfg.CONT.MIB = CN()
+    # Unbiased cross-entropy: no-object stands for "no-object or an old class".
+    cfg.CONT.MIB.UNBIASED_CE = True
+    # Unbiased distillation: the teacher's no-object is matched by the student's "no-object or new".
+    cfg.CONT.MIB.UNBIASED_KD = True
+    # New classes start from the no-object classifier row, sharing its probability.
+    cfg.CONT.MIB.INIT = True
+    # Distillation weight (mask classification: the loss is not divided by the class count).
+    cfg.CONT.MIB.KD_WEIGHT = 200.0
+    # The teacher's logits are divided by this before its softmax.
+    cfg.CONT.MIB.KD_TEMPERATURE = 1.0
+
+    # CoMFormer (CONT.METHOD comformer), each component switchable for ablations.
+    cfg.CONT.COMFORMER = CN()
+    # Softmax masks: requires MODEL.MASK_FORMER.MASK_ACTIVATION "softmax" (False: sigmoid ablation).
+    cfg.CONT.COMFORMER.SOFTMAX_MASKS = True
+    # Focal classification loss alpha * (1 - p_t)^gamma * CE instead of the weighted cross-entropy.
+    cfg.CONT.COMFORMER.FOCAL = True
+    # The focal loss's factor alpha.
+    cfg.CONT.COMFORMER.FOCAL_ALPHA = 5.0
+    # The focal loss's exponent gamma.
+    cfg.CONT.COMFORMER.FOCAL_GAMMA = 1.0
+    # Unbiased distillation (False: the new classes are dropped from the student's distribution).
+    cfg.CONT.COMFORMER.UNBIASED_KD = True
+    # Distillation weight; < 0: chosen by CONT.TASK (KD_WEIGHT_BY_TASK in continual/comformer.py).
+    cfg.CONT.COMFORMER.KD_WEIGHT = -1.0
+    # Weigh each query's distillation by (1 - teacher's no-object probability)^2.
+    cfg.CONT.COMFORMER.KD_REWEIGHT = True
+    # Distil the auxiliary (deep supervision) predictions too, with the same weight.
+    cfg.CONT.COMFORMER.KD_AUX = False
+    # The teacher's logits are divided by this before its softmax.
+    cfg.CONT.COMFORMER.KD_TEMPERATURE = 1.0
+    # Mask-based pseudo-labels of the old classes from the teacher join the ground truth.
+    cfg.CONT.COMFORMER.PSEUDO_LABELS = True
+    # Teacher queries with a class score below this give no pseudo-label.
+    cfg.CONT.COMFORMER.PSEUDO_THRESHOLD = 0.0
+
+    # PLOP (CONT.METHOD plop), as CoMFormer ran it on Mask2Former.
+    cfg.CONT.PLOP = CN()
+    # Local POD weight, scaled by sqrt(new classes / all classes); 0: no POD.
+    cfg.CONT.PLOP.POD_WEIGHT = 0.001
+    # Features distilled by POD: backbone outputs by name, and "mask_features" (pixel decoder).
+    cfg.CONT.PLOP.POD_FEATURES = ["res2", "res3", "res4", "res5", "mask_features"]
+    # POD window grids: each feature map is cut into s x s windows for every s.
+    cfg.CONT.PLOP.POD_SCALES = [1, 2, 4]
+    # Pseudo-labels of the old classes: "mask" (CoMFormer's), "entropy" (PLOP's) or "none".
+    cfg.CONT.PLOP.PSEUDO_LABELS = "mask"
+    # "mask" pseudo-labels: teacher queries with a class score below this give none.
+    cfg.CONT.PLOP.PSEUDO_THRESHOLD = 0.0
+    # "entropy" pseudo-labels: lowest per-class threshold on the normalised entropy.
+    cfg.CONT.PLOP.ENTROPY_THRESHOLD = 0.001

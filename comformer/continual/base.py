@@ -47,6 +47,10 @@ class ContinualMethod:
         self.num_old = scenario.num_seen(step - 1) if step > 0 else 0
         self.num_new = len(scenario.steps[step])
 
+    def configure_model(self, model: nn.Module) -> None:
+        """Adapt the freshly built student before any weights are loaded (e.g. swap its criterion
+        for one with the method's classification loss). Default: nothing to change."""
+
     def init_new_classes(self, model: nn.Module) -> None:
         """Initialise the classifier rows of the new classes after the old weights were loaded.
         Default: keep the fresh random initialisation (Mask2Former's)."""

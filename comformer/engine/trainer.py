@@ -13,6 +13,8 @@ from detectron2.engine import DefaultTrainer, default_setup
 from detectron2.projects.deeplab import add_deeplab_config
 from detectron2.projects.deeplab import build_lr_scheduler as build_poly_lr_scheduler
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from ..config import add_comformer_config
 from ..data.mappers import build_train_mapper
@@ -127,4 +129,6 @@ def setup_cfg(args):
         cfg.SOLVER.AMP.ENABLED = False
     cfg.freeze()
     default_setup(cfg, args)
+    # detectron2 sets up its own loggers; comformer's messages go to the same console and log file.
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="comformer", abbrev_name="cf")
     return cfg

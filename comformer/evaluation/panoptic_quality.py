@@ -149,27 +149,26 @@ def _segment_table(
     segments: Sequence[Mapping], num_classes: int, what: str
 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ids, category ids, crowd flags) of ``segments``, checked."""
-    ids = np.array([int(s["id"]) for s in segments], dtype=np.int64)
-    cats = np.array([int(s["category_id"]) for s in segments], dtype=np.int64)
+    # Checked on Python lists: with tens of segments, numpy calls would cost more than the work.
+    ids = [int(s["id"]) for s in segments]
+    cats = [int(s["category_id"]) for s in segments]
+    if ids:
+        if min(ids) <= 0:
+            raise ValueError(
+                f"{what} segments_info has segment id(s) {[i for i in ids if i <= 0]}; ids must "
+                "be positive (0 marks void pixels)"
+            )
+        if len(set(ids)) != len(ids):
+            repeated = sorted({i for i in ids if ids.count(i) > 1})
+            raise ValueError(f"{what} segments_info lists segment id(s) {repeated} more than once")
+        if min(cats) < 0 or max(cats) >= num_classes:
+            bad = next(i for i, c in enumerate(cats) if not 0 <= c < num_classes)
+            raise ValueError(
+                f"{what} segment id {ids[bad]} has category_id {cats[bad]}, which is not a class "
+                f"id in [0, {num_classes})"
+            )
     crowd = np.array([bool(s.get("iscrowd", 0)) for s in segments], dtype=bool)
-    if ids.size:
-        if (ids <= 0).any():
-            raise ValueError(
-                f"{what} segments_info has segment id(s) {ids[ids <= 0].tolist()}; ids must be "
-                "positive (0 marks void pixels)"
-            )
-        if np.unique(ids).size != ids.size:
-            uniq, counts = np.unique(ids, return_counts=True)
-            raise ValueError(
-                f"{what} segments_info lists segment id(s) {uniq[counts > 1].tolist()} more than once"
-            )
-        bad = (cats < 0) | (cats >= num_classes)
-        if bad.any():
-            raise ValueError(
-                f"{what} segment id {int(ids[bad][0])} has category_id {int(cats[bad][0])}, "
-                f"which is not a class id in [0, {num_classes})"
-            )
-    return ids, cats, crowd
+    return np.array(ids, dtype=np.int64), np.array(cats, dtype=np.int64), crowd
 
 
 def _labels_of(id_map: np.ndarray, ids: np.ndarray, label_of_index: np.ndarray, other: int):
@@ -177,27 +176,32 @@ def _labels_of(id_map: np.ndarray, ids: np.ndarray, label_of_index: np.ndarray, 
     Map every pixel's segment id to a compact label: ``label_of_index[i]`` where the pixel id is
     ``ids[i]``, 0 where it is 0, ``other`` where it is not listed.
 
+    Args:
+        id_map: (H, W) non-negative integer ids.
+        ids: (S,) listed ids, positive and distinct.
+        label_of_index: (S,) their labels.
     Returns:
         (H*W,) intp labels.
     """
     flat = id_map.reshape(-1)
-    table = np.concatenate([label_of_index, [other]]).astype(np.intp)
+    if flat.size == 0:
+        return np.zeros(0, dtype=np.intp)
+    max_id = max(int(flat.max()), int(ids.max()) if ids.size else 0)
+    # Small ids (model outputs 1..S, many datasets) index a lookup table: one gather per pixel,
+    # several times cheaper than a binary search. COCO's colour-coded ids reach 2^24: too large.
+    if max_id <= max(2 * flat.size, 1 << 12):
+        lut = np.full(max_id + 1, other, dtype=np.intp)
+        lut[ids] = label_of_index
+        lut[0] = 0
+        return lut[flat]
+    table = np.append(np.asarray(label_of_index, dtype=np.intp), other)
     if ids.size == 0:
         labels = np.full(flat.shape, other, dtype=np.intp)
     else:
-        max_id = int(ids.max())
-        # Small ids (model outputs 1..S, most datasets) index a lookup table directly, which is
-        # several times cheaper than a binary search per pixel; COCO's ids reach 2^24, too large.
-        if max_id <= max(4 * flat.size, 1 << 16):
-            lut = np.full(max_id + 2, ids.size, dtype=np.intp)
-            lut[ids] = np.arange(ids.size)
-            index = lut[np.minimum(flat, max_id + 1)]
-        else:
-            order = np.argsort(ids)
-            sorted_ids = ids[order]
-            pos = np.minimum(np.searchsorted(sorted_ids, flat), ids.size - 1)
-            index = np.where(sorted_ids[pos] == flat, order[pos], ids.size)
-        labels = table[index]
+        order = np.argsort(ids)
+        sorted_ids = ids[order]
+        pos = np.minimum(np.searchsorted(sorted_ids, flat), ids.size - 1)
+        labels = table[np.where(sorted_ids[pos] == flat, order[pos], ids.size)]
     labels[flat == 0] = 0
     return labels
 
@@ -213,7 +217,7 @@ def _as_id_map(ids, what: str) -> np.ndarray:
         )
     if ids.size and ids.min() < 0:
         raise ValueError(f"{what} segment id map has negative id {int(ids.min())}; 0 is void")
-    return ids.astype(np.int64, copy=False)
+    return ids
 
 
 def match_segments(
@@ -269,22 +273,23 @@ def match_segments(
     gt_label_of_index = np.zeros(g_ids.size, dtype=np.intp)
     gt_label_of_index[keep] = np.arange(1, num_gt + 1)
     g_cats, g_crowd = g_cats[keep], g_crowd[keep]
-    unlisted = num_gt + 1  # non-zero ids missing from segments_info
-    gt_labels = _labels_of(gt_ids, g_ids, gt_label_of_index, unlisted)
-
     num_pred = p_ids.size
-    pred_labels = _labels_of(pred_ids, p_ids, np.arange(1, num_pred + 1), -1)
-    if (pred_labels < 0).any():
-        missing = np.unique(pred_ids.reshape(-1)[pred_labels < 0])
+
+    # inter[g, p]: pixels with gt label g (0 void, 1..G, G+1 unlisted) and pred label p (0 void,
+    # 1..P, P+1 unlisted: an error, detected from its column rather than by another pixel pass).
+    # The gt lookup yields g * width directly, so one addition makes the joint label.
+    width = num_pred + 2
+    gt_joint = _labels_of(gt_ids, g_ids, gt_label_of_index * width, (num_gt + 1) * width)
+    pred_labels = _labels_of(pred_ids, p_ids, np.arange(1, num_pred + 1), num_pred + 1)
+    inter = np.bincount(gt_joint + pred_labels, minlength=(num_gt + 2) * width)
+    inter = inter.reshape(num_gt + 2, width)
+    if inter[:, -1].any():
+        missing = np.unique(pred_ids.reshape(-1)[pred_labels == num_pred + 1])
         raise ValueError(
             f"predicted segment id(s) {missing[:10].tolist()} appear in the id map but not in "
             f"segments_info (listed ids: {p_ids.tolist()[:20]})"
         )
-
-    # inter[g, p]: pixels with gt label g (0 void, 1..G, G+1 unlisted) and pred label p (0 void).
-    width = num_pred + 1
-    inter = np.bincount(gt_labels * width + pred_labels, minlength=(num_gt + 2) * width)
-    inter = inter.reshape(num_gt + 2, width)
+    inter = inter[:, :-1]
     gt_area = inter.sum(axis=1)[1 : num_gt + 1]
     pred_area = inter.sum(axis=0)[1:]
     pred_void = inter[0, 1:]
@@ -295,7 +300,7 @@ def match_segments(
         pair_inter, union, out=np.zeros(pair_inter.shape, dtype=np.float64), where=pair_inter > 0
     )
     # IoU > 0.5 makes a match unique on both sides, so no assignment step is needed.
-    matched = (iou > 0.5) & (g_cats[:, None] == p_cats[None, :]) 
+    matched = (iou > 0.5) & (g_cats[:, None] == p_cats[None, :]) & ~g_crowd[:, None]
     gi, pj = np.nonzero(matched)
     stats.tp += np.bincount(g_cats[gi], minlength=num_classes)
     stats.iou_sum += np.bincount(g_cats[gi], weights=iou[gi, pj], minlength=num_classes)

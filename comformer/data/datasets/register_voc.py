@@ -146,7 +146,13 @@ def register_all_voc() -> None:
         DatasetCatalog.register(name, load)
         set_sem_seg_metadata(
             name,
-            metadata={"stuff_classes": list(VOC_CLASSES), "stuff_colors": voc_colormap()},
+            # background_class: continual scenarios keep it in every step and count the other 20
+            # classes in task names ("15-5" = background + 15, then 5), as MiB does.
+            metadata={
+                "stuff_classes": list(VOC_CLASSES),
+                "stuff_colors": voc_colormap(),
+                "background_class": 0,
+            },
             image_root=os.path.join(root, VOC_ROOT, "JPEGImages"),
             sem_seg_root=os.path.join(root, VOC_ROOT, "SegmentationClassAug"),
             evaluator_type="sem_seg",

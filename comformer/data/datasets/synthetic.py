@@ -51,7 +51,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 # Version of the drawing code: bump it when rendering changes so cached copies are regenerated.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "crescent")
 THING_TEXTURES = ("solid", "stripes", "dots")
@@ -137,17 +137,22 @@ class SyntheticSpec:
 
 def synthetic_categories(spec: SyntheticSpec = SyntheticSpec()) -> List[Dict]:
     """
-    COCO-panoptic categories of the dataset in contiguous order: things first, then stuff.
+    COCO-panoptic categories of the dataset in contiguous order (things and stuff interleaved).
 
     Returns:
         list of {"id" (1-based dataset id), "name", "isthing" (0/1), "color" [r, g, b]}.
     """
-    cats = []
     things = [(s, t) for s in SHAPES for t in THING_TEXTURES][: spec.num_thing_classes]
-    for shape, texture in things:
-        cats.append({"name": f"{shape}_{texture}" if texture != "solid" else shape, "isthing": 1})
-    for texture in STUFF_TEXTURES[: spec.num_stuff_classes]:
-        cats.append({"name": texture, "isthing": 0})
+    thing_cats = [
+        {"name": f"{shape}_{texture}" if texture != "solid" else shape, "isthing": 1}
+        for shape, texture in things
+    ]
+    stuff_cats = [{"name": t, "isthing": 0} for t in STUFF_TEXTURES[: spec.num_stuff_classes]]
+    # Things and stuff interleaved in proportion (like ADE20K's order), so that any prefix of the
+    # classes, e.g. a continual scenario's base step, holds both kinds.
+    keyed = [((i + 0.5) / len(thing_cats), 0, c) for i, c in enumerate(thing_cats)]
+    keyed += [((i + 0.5) / len(stuff_cats), 1, c) for i, c in enumerate(stuff_cats)]
+    cats = [c for _, _, c in sorted(keyed, key=lambda k: (k[0], k[1]))]
     # Visualisation colours, distinct per class (unlike the rendering palette).
     rng = np.random.RandomState(1234)
     for i, cat in enumerate(cats):

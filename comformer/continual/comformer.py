@@ -1,0 +1,144 @@
+"""CoMFormer (Cermelli et al., CVPR 2023): continual learning on mask classification.
+
+Components, each with its switch under ``CONT.COMFORMER``:
+
+* ``SOFTMAX_MASKS``: masks normalised by a softmax across queries in matching, mask losses and
+  inference. The model is built from ``MODEL.MASK_FORMER.MASK_ACTIVATION``, which a method cannot
+  change after the fact, so the method checks that the config asks for "softmax" (the CoMFormer
+  configs set it); ``SOFTMAX_MASKS False`` is the ablation with sigmoid masks.
+* ``FOCAL``: the focal classification loss ``alpha (1 - p_t)^gamma CE`` averaged over queries, at
+  every step including the base one.
+* adaptive distillation: the unbiased distillation (``UNBIASED_KD``) of every query of the last
+  layer (and of the auxiliary layers with ``KD_AUX``) from the same query of the teacher, each
+  query weighted by ``(1 - p_teacher(no-object))^2`` (``KD_REWEIGHT``), weighted by
+  ``KD_WEIGHT`` (< 0: from :data:`KD_WEIGHT_BY_TASK`).
+* ``PSEUDO_LABELS``: the teacher's mask-based pseudo-labels join the ground truth before matching
+  (:func:`~comformer.continual.pseudo_labels.mask_pseudo_labels`).
+"""
+from typing import Dict, List
+
+import torch
+from torch import nn
+
+from detectron2.structures import ImageList
+
+from .base import METHOD_REGISTRY, ContinualMethod
+from .losses import ContinualSetCriterion, distillation_loss, teacher_predict
+from .pseudo_labels import add_pseudo_labels, covered_by_targets, mask_pseudo_labels
+
+__all__ = ["CoMFormer", "KD_WEIGHT_BY_TASK", "DEFAULT_KD_WEIGHT", "comformer_kd_weight"]
+
+# Distillation weight per task when CONT.COMFORMER.KD_WEIGHT < 0, as CoMFormer's public scripts
+# set it (ADE20K panoptic 100-50: 5; panoptic and semantic 100-10 and 100-5: 10).
+KD_WEIGHT_BY_TASK: Dict[str, float] = {"100-50": 5.0, "100-10": 10.0, "100-5": 10.0}
+# Any other task (custom class lists, the synthetic scenarios, ...) uses the multi-step value.
+DEFAULT_KD_WEIGHT = 10.0
+# Exponent of the adaptive distillation weights (1 - p_no-object)^gamma.
+KD_REWEIGHT_GAMMA = 2.0
+
+
+def comformer_kd_weight(value: float, task: str) -> float:
+    """``value`` when >= 0, else the weight of ``task`` in :data:`KD_WEIGHT_BY_TASK`."""
+    if value >= 0:
+        return float(value)
+    return KD_WEIGHT_BY_TASK.get(task, DEFAULT_KD_WEIGHT)
+
+
+@METHOD_REGISTRY.register()
+class CoMFormer(ContinualMethod):
+    """CoMFormer: softmax masks, focal loss, adaptive unbiased distillation, pseudo-labels."""
+
+    needs_teacher = True
+
+    def __init__(self, cfg, scenario, step: int):
+        super().__init__(cfg, scenario, step)
+        c = cfg.CONT.COMFORMER
+        activation = cfg.MODEL.MASK_FORMER.MASK_ACTIVATION
+        if c.SOFTMAX_MASKS and activation != "softmax":
+            raise ValueError(
+                "CONT.METHOD comformer uses softmax masks (CONT.COMFORMER.SOFTMAX_MASKS True) but "
+                f"MODEL.MASK_FORMER.MASK_ACTIVATION={activation!r}: set it to 'softmax' (for every "
+                "step, the model is built from it), or set CONT.COMFORMER.SOFTMAX_MASKS False for "
+                "the sigmoid-mask ablation"
+            )
+        if c.FOCAL and (c.FOCAL_ALPHA <= 0 or c.FOCAL_GAMMA < 0):
+            raise ValueError(
+                f"CONT.COMFORMER.FOCAL_ALPHA={c.FOCAL_ALPHA} must be > 0 and "
+                f"CONT.COMFORMER.FOCAL_GAMMA={c.FOCAL_GAMMA} >= 0"
+            )
+        if c.KD_TEMPERATURE <= 0:
+            raise ValueError(f"CONT.COMFORMER.KD_TEMPERATURE={c.KD_TEMPERATURE} must be > 0")
+        if not 0 <= c.PSEUDO_THRESHOLD <= 1:
+            raise ValueError(
+                f"CONT.COMFORMER.PSEUDO_THRESHOLD={c.PSEUDO_THRESHOLD} must be a class "
+                "probability in [0, 1]"
+            )
+        self.focal = bool(c.FOCAL)
+        self.focal_alpha = float(c.FOCAL_ALPHA)
+        self.focal_gamma = float(c.FOCAL_GAMMA)
+        self.unbiased_kd = bool(c.UNBIASED_KD)
+        self.kd_weight = comformer_kd_weight(c.KD_WEIGHT, scenario.task)
+        self.kd_reweight = bool(c.KD_REWEIGHT)
+        self.kd_aux = bool(c.KD_AUX)
+        self.kd_temperature = float(c.KD_TEMPERATURE)
+        self.pseudo_labels = bool(c.PSEUDO_LABELS)
+        self.pseudo_threshold = float(c.PSEUDO_THRESHOLD)
+        self.needs_teacher = self.kd_weight > 0 or self.pseudo_labels
+
+    def configure_model(self, model: nn.Module) -> None:
+        if self.focal:
+            model.criterion = ContinualSetCriterion.from_criterion(
+                model.criterion,
+                focal=True,
+                focal_alpha=self.focal_alpha,
+                focal_gamma=self.focal_gamma,
+            )
+
+    def losses(
+        self,
+        model: nn.Module,
+        images: ImageList,
+        features: Dict[str, torch.Tensor],
+        outputs: Dict,
+        targets: List[Dict[str, torch.Tensor]],
+    ) -> Dict[str, torch.Tensor]:
+        if self.step == 0 or not self.needs_teacher:
+            return model.weighted_losses(model.criterion(outputs, targets))
+        _, t_outputs = teacher_predict(model, images, self.step)
+        if self.pseudo_labels:
+            covered = covered_by_targets(targets, images.tensor.shape[-2:])
+            pseudo = mask_pseudo_labels(
+                t_outputs["pred_logits"],
+                t_outputs["pred_masks"],
+                covered,
+                mask_activation=model.teacher.mask_activation,
+                score_threshold=self.pseudo_threshold,
+            )
+            targets = add_pseudo_labels(targets, pseudo)
+        losses = model.weighted_losses(model.criterion(outputs, targets))
+        if self.kd_weight > 0:
+            losses["loss_kd"] = self.kd_weight * self._kd(outputs, t_outputs)
+            if self.kd_aux:
+                pairs = zip(outputs.get("aux_outputs", []), t_outputs.get("aux_outputs", []))
+                for i, (aux, t_aux) in enumerate(pairs):
+                    losses[f"loss_kd_{i}"] = self.kd_weight * self._kd(aux, t_aux)
+        return losses
+
+    def _kd(self, outputs: Dict, t_outputs: Dict) -> torch.Tensor:
+        return distillation_loss(
+            outputs["pred_logits"],
+            t_outputs["pred_logits"],
+            unbiased=self.unbiased_kd,
+            temperature=self.kd_temperature,
+            reweight=self.kd_reweight,
+            reweight_gamma=KD_REWEIGHT_GAMMA,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, focal={self.focal} (alpha={self.focal_alpha}, "
+            f"gamma={self.focal_gamma}), kd_weight={self.kd_weight}, unbiased_kd="
+            f"{self.unbiased_kd}, kd_reweight={self.kd_reweight}, kd_aux={self.kd_aux}, "
+            f"kd_temperature={self.kd_temperature}, pseudo_labels={self.pseudo_labels} "
+            f"(threshold {self.pseudo_threshold})"
+        )

@@ -1,0 +1,51 @@
+#!/usr/bin/env python
+"""Print a continual scenario's steps: classes and training images per step.
+
+    python tools/scenario_summary.py --config-file configs/ade20k/panoptic-segmentation/continual/100-10.yaml
+    python tools/scenario_summary.py --config-file CFG CONT.TASK 50-50 CONT.MODE disjoint
+
+Image counts need the dataset on disk; without it the class split is printed and the counts are left
+blank with the reason.
+"""
+import argparse
+import sys
+
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog
+from detectron2.projects.deeplab import add_deeplab_config
+
+import comformer  # noqa: F401  (registers datasets)
+from comformer import add_comformer_config
+from comformer.data.scenario import build_scenario, register_step_dataset, scenario_summary
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--config-file", required=True)
+    parser.add_argument("--no-images", action="store_true", help="do not load the data to count images")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides (KEY VALUE ...)")
+    args = parser.parse_args(argv)
+    cfg = get_cfg()
+    add_deeplab_config(cfg)
+    add_comformer_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    scenario = build_scenario(cfg)
+    if scenario is None:
+        print(f"{args.config_file} describes no continual scenario (set CONT.TASK)", file=sys.stderr)
+        return 2
+    counts = None
+    if not args.no_images:
+        try:
+            counts = [
+                len(DatasetCatalog.get(register_step_dataset(scenario, t)))
+                for t in range(scenario.num_steps)
+            ]
+        except (FileNotFoundError, ValueError) as e:
+            print(f"(image counts unavailable: {e})\n")
+    print(scenario_summary(scenario, counts))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
