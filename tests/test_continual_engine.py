@@ -1,4 +1,5 @@
 """The continual engine: label remapping in the mapper, classifier growth, teacher checks, the runner."""
+
 import json
 import os
 import subprocess
@@ -61,7 +62,9 @@ def test_panoptic_mapper_remaps_and_removes_classes(tmp_path):
             {"id": 3, "category_id": 3, "iscrowd": 1},
         ],
     }
-    cfg = _cfg("INPUT.CROP.ENABLED", False, "INPUT.MIN_SIZE_TRAIN", (8,), "INPUT.SIZE_DIVISIBILITY", -1)
+    cfg = _cfg(
+        "INPUT.CROP.ENABLED", False, "INPUT.MIN_SIZE_TRAIN", (8,), "INPUT.SIZE_DIVISIBILITY", -1
+    )
     label_map = np.array([-1, -1, -1, 1, -1] + [-1] * 15)
     mapper = PanopticDatasetMapper(cfg, is_train=True, label_map=label_map)
     out = mapper(record)
@@ -176,7 +179,9 @@ def test_runner_trains_a_scenario_skips_finished_steps_and_guards_its_folder(tmp
 
     again = _run(out)
     assert again.returncode == 0
-    assert (again.stdout + again.stderr).count("is finished") == 2  # both steps skipped, nothing retrained
+    assert (again.stdout + again.stderr).count(
+        "is finished"
+    ) == 2  # both steps skipped, nothing retrained
     assert json.loads((out / "results.json").read_text()) == rows
 
     other = _run(out, "CONT.TASK", "10-2")

@@ -1,4 +1,4 @@
-"""ContinualEvaluator on a tiny registered dataset with hand-made predictions and hand-computed PQ/mIoU.
+"""ContinualEvaluator on a tiny registered dataset: hand-made predictions, hand-computed PQ and mIoU.
 
 Classes: 0 cat (thing), 1 dog (thing), 2 sky (stuff), 3 grass (stuff). Step 0 learned cat and sky,
 step 1 dog; grass comes later, so it is unseen (void) unless said otherwise.

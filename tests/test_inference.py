@@ -1,4 +1,5 @@
 """Semantic / panoptic inference on hand-made predictions, sigmoid vs softmax-across-queries masks."""
+
 import math
 
 import pytest

@@ -1,5 +1,6 @@
 """Continual methods MiB, CoMFormer and PLOP: losses on hand-worked tensors, invariants, and one
 training forward/backward of each method on a tiny model (teacher = step 0, student = step 1)."""
+
 import math
 from pathlib import Path
 
@@ -31,10 +32,12 @@ from comformer.continual.pseudo_labels import (
     entropy_pseudo_labels,
     mask_pseudo_labels,
 )
+from comformer.data.scenario import build_scenario
 from comformer.modeling.head import MaskFormerHead
+from comformer.modeling.matcher import HungarianMatcher
 
 REPO = Path(__file__).resolve().parents[1]
-CFG_10_10 = REPO / "configs/synthetic/panoptic-segmentation/maskformer2_R18_cpu.yaml"
+SYNTHETIC_CFG = REPO / "configs/synthetic/panoptic-segmentation/maskformer2_R18_cpu.yaml"
 
 
 def _logits(*probs):
@@ -50,7 +53,9 @@ def test_unbiased_ce_log_probs_by_hand():
     # own probabilities for the classes, no-object absorbs old class 0: 0.4 + 0.1
     torch.testing.assert_close(out, torch.tensor([0.1, 0.2, 0.3, 0.5]))
     # no old classes: the ordinary softmax
-    torch.testing.assert_close(unbiased_ce_log_probs(logits, 0).exp(), torch.tensor([0.1, 0.2, 0.3, 0.4]))
+    torch.testing.assert_close(
+        unbiased_ce_log_probs(logits, 0).exp(), torch.tensor([0.1, 0.2, 0.3, 0.4])
+    )
 
 
 def test_classification_loss_values_by_hand():
@@ -114,7 +119,9 @@ def test_reweighted_distillation_by_hand():
 
 def test_distillation_temperature_divides_teacher_logits():
     student = _logits(1, 1, 1, 1)[None, None]  # regrouped (0.25, 0.75)
-    teacher = _logits(1, 9)[None, None]  # (0.1, 0.9); at T = 2: logits halved -> (1, 3) -> (0.25, 0.75)
+    teacher = _logits(1, 9)[
+        None, None
+    ]  # (0.1, 0.9); at T = 2: logits halved -> (1, 3) -> (0.25, 0.75)
     assert distillation_loss(student, teacher, temperature=2.0).abs() < 1e-6
     expected = 0.1 * math.log(0.1 / 0.25) + 0.9 * math.log(0.9 / 0.75)
     torch.testing.assert_close(distillation_loss(student, teacher), torch.tensor(expected))
@@ -173,7 +180,9 @@ def test_mib_init_splits_old_no_object_probability():
     torch.testing.assert_close(p_new[:, num_old:].sum(-1), p_old[:, -1])
     torch.testing.assert_close(p_new[:, :num_old], p_old[:, :num_old])
     # the no-object probability is shared evenly by no-object and the new classes
-    torch.testing.assert_close(p_new[:, num_old:], p_old[:, -1:].expand(-1, num_new + 1) / (num_new + 1))
+    torch.testing.assert_close(
+        p_new[:, num_old:], p_old[:, -1:].expand(-1, num_new + 1) / (num_new + 1)
+    )
     with pytest.raises(ValueError, match="expected old 3 \\+ new 5"):
         mib_init_classifier(new, num_old, 5)
 
@@ -200,7 +209,10 @@ def _pseudo_case():
     targets = [
         {"labels": torch.tensor([5]), "masks": gt[0]},
         {"labels": torch.tensor([5]), "masks": gt[1]},
-        {"labels": torch.zeros(0, dtype=torch.int64), "masks": torch.zeros(0, 4, 4, dtype=torch.bool)},
+        {
+            "labels": torch.zeros(0, dtype=torch.int64),
+            "masks": torch.zeros(0, 4, 4, dtype=torch.bool),
+        },
     ]
     return logits[None].repeat(3, 1, 1), masks[None].repeat(3, 1, 1, 1), targets
 
@@ -256,14 +268,15 @@ def test_mask_pseudo_labels_threshold_and_merge():
 
 
 def test_mask_pseudo_labels_softmax_masks_normalise_over_all_queries():
-    # Two queries, one pixel row of 2 px. Query 0 (class 0) has logit 1 at both pixels; the
-    # no-object query 1 has logit 3 at pixel 1. Softmax across queries: query 0 has probability
-    # 0.5 at pixel 0 (both logits... 1 vs 1) and 1/(1+e^2) = 0.12 at pixel 1; binarised: pixel 0.
-    # It wins both pixels (the no-object query is dropped): 2 > 1 / 2, segment = pixel 0 only.
+    # Two queries, a 1x2 image. Query 0 (class 0) has mask logit 1 at both pixels; the no-object
+    # query 1 has 1 at pixel 0 and 3 at pixel 1. Softmax across both queries: query 0 has
+    # probability 0.5 at pixel 0 and 1 / (1 + e^2) = 0.12 at pixel 1, so its binarised mask is
+    # pixel 0. It wins both pixels (the no-object query is dropped): 2 > 1 / 2, and its segment
+    # is the won pixels inside its binarised mask: pixel 0 only.
     logits = torch.tensor([[[5.0, 0.0], [0.0, 5.0]]])
     masks = torch.tensor([[[[1.0, 1.0]], [[1.0, 3.0]]]])
     covered = torch.zeros(1, 1, 2, dtype=torch.bool)
-    (labels, segs), = mask_pseudo_labels(logits, masks, covered, mask_activation="softmax")
+    ((labels, segs),) = mask_pseudo_labels(logits, masks, covered, mask_activation="softmax")
     assert labels.tolist() == [0]
     assert segs.tolist() == [[[True, False]]]
 
@@ -278,16 +291,16 @@ def test_entropy_pseudo_labels_hand_drawn_case():
     masks = torch.stack([torch.log(m / (1 - m)), torch.zeros(4)])[None, :, None]  # (1, 2, 1, 4)
     no_gt = torch.zeros(1, 1, 4, dtype=torch.bool)
     # class-0 median (lower) of (0, 0.469, 0.971) is 0.469: only px 0 is below it
-    (labels, segs), = entropy_pseudo_labels(logits, masks, no_gt, mask_activation="softmax")
+    ((labels, segs),) = entropy_pseudo_labels(logits, masks, no_gt, mask_activation="softmax")
     assert labels.tolist() == [0]
     assert segs.tolist() == [[[True, False, False, False]]]
     # px 0 covered by the ground truth: candidates (0.971, 0.469), lower median 0.469, nothing
     # strictly below: no segment ...
     gt = torch.tensor([[[True, False, False, False]]])
-    (labels, segs), = entropy_pseudo_labels(logits, masks, gt, mask_activation="softmax")
+    ((labels, segs),) = entropy_pseudo_labels(logits, masks, gt, mask_activation="softmax")
     assert labels.numel() == 0
     # ... unless the base threshold 0.5 lifts the class threshold: px 2 (0.469) is confident
-    (labels, segs), = entropy_pseudo_labels(
+    ((labels, segs),) = entropy_pseudo_labels(
         logits, masks, gt, mask_activation="softmax", base_threshold=0.5
     )
     assert labels.tolist() == [0]
@@ -306,7 +319,9 @@ def test_local_pod_embedding_and_loss_by_hand():
     torch.testing.assert_close(pod_loss([x], [zero]), torch.tensor(math.sqrt(87.5)))
     # averaged over images (a second, identical image adds 0) and over feature maps
     batch = torch.cat([x, zero])
-    torch.testing.assert_close(pod_loss([batch], [zero.repeat(2, 1, 1, 1)]), torch.tensor(math.sqrt(87.5) / 2))
+    torch.testing.assert_close(
+        pod_loss([batch], [zero.repeat(2, 1, 1, 1)]), torch.tensor(math.sqrt(87.5) / 2)
+    )
     torch.testing.assert_close(pod_loss([x, zero], [zero, zero]), torch.tensor(math.sqrt(87.5) / 2))
     # a 2x4 map at scale 2: 2x2 windows of 1x2 cells
     y = torch.arange(8.0).view(1, 1, 2, 4)
@@ -320,40 +335,34 @@ def _cfg(*opts):
     cfg = get_cfg()
     add_deeplab_config(cfg)
     add_comformer_config(cfg)
-    cfg.merge_from_file(str(CFG_10_10))
+    cfg.merge_from_file(str(SYNTHETIC_CFG))
     cfg.merge_from_list(["CONT.TASK", "10-10", *opts])
     cfg.MODEL.DEVICE = "cpu"
     return cfg
 
 
-def _scenario(cfg):
-    from comformer.data.scenario import build_scenario
-
-    return build_scenario(cfg)
-
-
 def test_method_defaults_and_config_errors():
     cfg = _cfg("CONT.METHOD", "comformer", "MODEL.MASK_FORMER.MASK_ACTIVATION", "softmax")
-    method = build_method(cfg, _scenario(cfg), 1)
+    method = build_method(cfg, build_scenario(cfg), 1)
     assert type(method).__name__ == "CoMFormer" and method.kd_weight == 10.0
     assert comformer_kd_weight(-1, "100-50") == 5.0 and comformer_kd_weight(-1, "100-5") == 10.0
     assert comformer_kd_weight(3.0, "100-50") == 3.0
 
     cfg = _cfg("CONT.METHOD", "comformer")  # sigmoid masks
     with pytest.raises(ValueError, match="MASK_ACTIVATION='sigmoid'"):
-        build_method(cfg, _scenario(cfg), 0)
+        build_method(cfg, build_scenario(cfg), 0)
     cfg = _cfg("CONT.METHOD", "comformer", "CONT.COMFORMER.SOFTMAX_MASKS", False)
-    build_method(cfg, _scenario(cfg), 0)  # the sigmoid ablation
+    build_method(cfg, build_scenario(cfg), 0)  # the sigmoid ablation
 
     cfg = _cfg("CONT.METHOD", "plop")
-    plop = build_method(cfg, _scenario(cfg), 1)
+    plop = build_method(cfg, build_scenario(cfg), 1)
     assert math.isclose(plop.pod_weight, 0.001 * math.sqrt(10 / 20))
     cfg = _cfg("CONT.METHOD", "plop", "CONT.PLOP.PSEUDO_LABELS", "median")
     with pytest.raises(ValueError, match="PSEUDO_LABELS='median'; valid: mask, entropy, none"):
-        build_method(cfg, _scenario(cfg), 1)
+        build_method(cfg, build_scenario(cfg), 1)
 
     cfg = _cfg("CONT.METHOD", "MiB", "CONT.MIB.KD_WEIGHT", 0.0)
-    mib = build_method(cfg, _scenario(cfg), 1)
+    mib = build_method(cfg, build_scenario(cfg), 1)
     assert mib.kd_weight == 0 and not mib.needs_teacher
 
 
@@ -362,7 +371,7 @@ def test_criterion_swap_keeps_everything_but_the_class_loss():
     torch.manual_seed(0)
     model = build_model(cfg)
     before = model.criterion
-    build_method(cfg, _scenario(cfg), 1).configure_model(model)
+    build_method(cfg, build_scenario(cfg), 1).configure_model(model)
     after = model.criterion
     assert isinstance(after, ContinualSetCriterion) and after.num_old_absorbed == 10
     assert after.matcher is before.matcher and after.weight_dict == before.weight_dict
@@ -370,8 +379,31 @@ def test_criterion_swap_keeps_everything_but_the_class_loss():
     # step 0: nothing to absorb, the criterion stays the plain one
     cfg0 = _cfg("CONT.METHOD", "mib", "CONT.STEP", 0)
     model0 = build_model(cfg0)
-    build_method(cfg0, _scenario(cfg0), 0).configure_model(model0)
+    build_method(cfg0, build_scenario(cfg0), 0).configure_model(model0)
     assert type(model0.criterion) is type(before)
+
+
+def test_continual_criterion_class_loss_by_hand():
+    criterion = ContinualSetCriterion(
+        3,
+        matcher=HungarianMatcher(),
+        weight_dict={"loss_ce": 1.0},
+        eos_coef=0.1,
+        num_points=4,
+        oversample_ratio=3.0,
+        importance_sample_ratio=0.75,
+        num_old_absorbed=1,
+    )
+    outputs = {"pred_logits": torch.stack([_logits(1, 2, 3, 4), _logits(1, 2, 3, 4)])[None]}
+    targets = [{"labels": torch.tensor([1]), "masks": torch.zeros(1, 2, 2)}]
+    indices = [(torch.tensor([0]), torch.tensor([0]))]  # query 0 -> class 1, query 1 unmatched
+    # query 0: -log 0.2 (weight 1); query 1: no-object absorbs old class 0, -log 0.5 (weight 0.1)
+    loss = criterion.loss_labels(outputs, targets, indices, num_masks=1.0)["loss_ce"]
+    torch.testing.assert_close(loss, torch.tensor((math.log(5) + 0.1 * math.log(2)) / 1.1))
+    criterion.focal = True  # alpha 5, gamma 1, no class weights: p_t = 0.2 and 0.5
+    loss = criterion.loss_labels(outputs, targets, indices, num_masks=1.0)["loss_ce"]
+    expected = (5 * 0.8 * math.log(5) + 5 * 0.5 * math.log(2)) / 2
+    torch.testing.assert_close(loss, torch.tensor(expected))
 
 
 # ------------------------------------------------------------------ integration
@@ -391,14 +423,14 @@ def head_returns_mask_features(monkeypatch):
     monkeypatch.setattr(MaskFormerHead, "forward", forward)
 
 
-def _batch(size=64):
+def _batch(size=32):
     batch = []
     for i, n in enumerate([2, 1]):
         inst = Instances((size, size))
         inst.gt_classes = torch.tensor([10 + 3 * j + i for j in range(n)])  # new classes 10..19
         masks = torch.zeros((n, size, size), dtype=torch.bool)
         for j in range(n):
-            masks[j, 8 + 20 * j : 24 + 20 * j, 4 + i : 40] = True
+            masks[j, 4 + 12 * j : 14 + 12 * j, 2 + i : 24] = True
         inst.gt_masks = BitMasks(masks)
         image = torch.randint(0, 255, (3, size, size), dtype=torch.uint8)
         batch.append({"image": image, "instances": inst})
@@ -421,12 +453,14 @@ def test_one_training_step_of_each_method(method, opts, extra_key, head_returns_
     torch.manual_seed(0)
     cfg_t = _cfg("CONT.METHOD", method, "CONT.STEP", 0, *opts)
     cfg_s = _cfg("CONT.METHOD", method, "CONT.STEP", 1, *opts)
-    scenario = _scenario(cfg_s)
+    scenario = build_scenario(cfg_s)
     teacher = build_model(cfg_t)
     student = build_model(cfg_s)
     m = build_method(cfg_s, scenario, 1)
     m.configure_model(student)
-    student.load_state_dict(grow_classifier_state_dict(teacher.state_dict(), student.state_dict(), 10))
+    student.load_state_dict(
+        grow_classifier_state_dict(teacher.state_dict(), student.state_dict(), 10)
+    )
     m.init_new_classes(student)
     if method == "mib":
         embed = student.sem_seg_head.predictor.class_embed

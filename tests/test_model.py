@@ -1,4 +1,5 @@
 """The assembled model: Mask2Former checkpoint layout, backbone weights, forward/backward, outputs."""
+
 import pickle
 from pathlib import Path
 
@@ -66,7 +67,9 @@ def test_detectron2_pkl_backbone_weights_load(tmp_path):
     rng = np.random.default_rng(0)
     # detectron2's ImageNet pickles: {"model": {name: ndarray}} with backbone-relative names
     fake = {
-        "model": {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in backbone_state.items()},
+        "model": {
+            k: rng.standard_normal(v.shape).astype(np.float32) for k, v in backbone_state.items()
+        },
         "__author__": "torchvision",
         "matching_heuristics": True,
     }
@@ -89,7 +92,9 @@ def _inputs(num_segments_per_image, size=64):
         for j in range(n):
             masks[j, j * 8 : j * 8 + 16, 4 + i : 40] = True
         inst.gt_masks = BitMasks(masks)
-        batch.append({"image": torch.randint(0, 255, (3, size, size), dtype=torch.uint8), "instances": inst})
+        batch.append(
+            {"image": torch.randint(0, 255, (3, size, size), dtype=torch.uint8), "instances": inst}
+        )
     return batch
 
 
@@ -113,7 +118,11 @@ def test_inference_outputs_follow_detectron2_contract(activation):
     model, cfg = _tiny_model("MODEL.MASK_FORMER.MASK_ACTIVATION", activation)
     model.eval()
     inputs = [
-        {"image": torch.randint(0, 255, (3, 60, 70), dtype=torch.uint8), "height": 120, "width": 140},
+        {
+            "image": torch.randint(0, 255, (3, 60, 70), dtype=torch.uint8),
+            "height": 120,
+            "width": 140,
+        },
         {"image": torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8)},
     ]
     with torch.no_grad():

@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from comformer.evaluation.panoptic_quality import PQStats, match_segments, pq_from_stats
+from comformer.evaluation.panoptic_quality import (
+    PQStats,
+    match_segments,
+    pq_from_stats,
+    read_panoptic_png,
+)
 
 K = 5  # classes 0, 1, 2 are things, 3, 4 stuff in the random cases
 THINGS = (0, 1, 2)
@@ -207,6 +212,16 @@ def test_stats_add_and_merge():
     assert np.array_equal(a.tp, total.tp) and np.array_equal(a.fn, total.fn)
     with pytest.raises(ValueError, match="3 classes"):
         a.add(PQStats(3))
+
+
+def test_read_panoptic_png(tmp_path):
+    # id = R + 256 G + 256^2 B, up to 2^24 - 1
+    ids = np.array([[0, 1, 255, 256], [65535, 65536, 2**24 - 1, 1234567]])
+    Image.fromarray(_id2rgb(ids)).save(tmp_path / "pan.png")
+    assert np.array_equal(read_panoptic_png(str(tmp_path / "pan.png")), ids)
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="bad.png"):
+        read_panoptic_png(str(tmp_path / "bad.png"))
 
 
 # ------------------------------------------------------------------- equality with panopticapi

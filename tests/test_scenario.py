@@ -1,4 +1,5 @@
 """Continual scenarios: task parsing, orders, validation, image filtering, label maps, step datasets."""
+
 import numpy as np
 import pytest
 

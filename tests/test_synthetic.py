@@ -1,4 +1,5 @@
 """The built-in synthetic dataset: formats, determinism, difficulty features, caching, registration."""
+
 import json
 import multiprocessing as mp
 import os
@@ -113,8 +114,12 @@ def test_concurrent_first_use_generates_once(tmp_path):
 
 def test_script_entry_point(tmp_path):
     out = tmp_path / "syn"
-    assert synthetic.main(["--output", str(out), "--num-train", "2", "--num-val", "1",
-                           "--image-size", "48"]) == 0
+    assert (
+        synthetic.main(
+            ["--output", str(out), "--num-train", "2", "--num-val", "1", "--image-size", "48"]
+        )
+        == 0
+    )
     assert len(os.listdir(out / "images" / "train")) == 2
 
 
@@ -133,4 +138,7 @@ def test_registered_val_records_point_at_existing_files():
     assert len(meta.stuff_classes) == 20 and len(meta.thing_classes) == 12
     assert meta.ignore_label == 255 and meta.evaluator_type == "coco_panoptic_seg"
     sem = DatasetCatalog.get("synthetic_sem_seg_val")
-    assert len(sem) == len(records) and MetadataCatalog.get("synthetic_sem_seg_val").evaluator_type == "sem_seg"
+    assert (
+        len(sem) == len(records)
+        and MetadataCatalog.get("synthetic_sem_seg_val").evaluator_type == "sem_seg"
+    )

@@ -1,4 +1,5 @@
 """A tiny joint training and evaluation through tools/train_net.py, with detectron2's evaluators."""
+
 import json
 import subprocess
 import sys
@@ -43,6 +44,10 @@ def test_tiny_train_and_eval_reports_pq_and_miou(tmp_path):
     )
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     lines = (evaluated.stdout + evaluated.stderr).splitlines()
-    header = next(i for i, line in enumerate(lines) if line.endswith("copypaste: PQ,SQ,RQ,PQ_th,SQ_th,RQ_th,PQ_st,SQ_st,RQ_st"))  # noqa: E501
+    header = next(
+        i
+        for i, line in enumerate(lines)
+        if line.endswith("copypaste: PQ,SQ,RQ,PQ_th,SQ_th,RQ_th,PQ_st,SQ_st,RQ_st")
+    )  # noqa: E501
     pq = float(lines[header + 1].split("copypaste: ")[1].split(",")[0])
     assert abs(pq - final["panoptic_seg/PQ"]) < 1e-3

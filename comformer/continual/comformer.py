@@ -15,6 +15,7 @@ Components, each with its switch under ``CONT.COMFORMER``:
 * ``PSEUDO_LABELS``: the teacher's mask-based pseudo-labels join the ground truth before matching
   (:func:`~comformer.continual.pseudo_labels.mask_pseudo_labels`).
 """
+
 from typing import Dict, List
 
 import torch

@@ -13,11 +13,11 @@ Two ideas of MiB (Cermelli et al., CVPR 2020) carry over from pixels to queries:
   the *unbiased distillation* compares the teacher's no-object with the student's "no-object or
   any new class".
 """
+
 from typing import Dict, Optional, Sequence
 
 import torch
 from torch import Tensor
-from torch.nn import functional as F
 
 from ..modeling.criterion import SetCriterion
 
@@ -332,4 +332,3 @@ def teacher_predict(model: torch.nn.Module, images, step: int):
         )
     with torch.no_grad():
         return teacher.predict(images)
-

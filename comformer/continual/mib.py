@@ -11,6 +11,7 @@ Three components, each with its switch under ``CONT.MIB``:
 At step 0 there are no old classes: the unbiased cross-entropy is the ordinary one and there is
 no teacher, so MiB trains like fine-tuning.
 """
+
 import math
 from typing import Dict, List
 
@@ -55,7 +56,7 @@ def mib_init_classifier(class_embed: nn.Linear, num_old: int, num_new: int) -> N
 
 @METHOD_REGISTRY.register()
 class MiB(ContinualMethod):
-    """MiB: unbiased cross-entropy, unbiased distillation, new classes initialised from no-object."""
+    """MiB: unbiased cross-entropy and distillation, new classes initialised from no-object."""
 
     needs_teacher = True
 
@@ -63,7 +64,9 @@ class MiB(ContinualMethod):
         super().__init__(cfg, scenario, step)
         mib = cfg.CONT.MIB
         if mib.KD_WEIGHT < 0:
-            raise ValueError(f"CONT.MIB.KD_WEIGHT={mib.KD_WEIGHT} must be >= 0 (0: no distillation)")
+            raise ValueError(
+                f"CONT.MIB.KD_WEIGHT={mib.KD_WEIGHT} must be >= 0 (0: no distillation)"
+            )
         if mib.KD_TEMPERATURE <= 0:
             raise ValueError(f"CONT.MIB.KD_TEMPERATURE={mib.KD_TEMPERATURE} must be > 0")
         self.unbiased_ce = bool(mib.UNBIASED_CE)

@@ -8,6 +8,7 @@
 
 The classification and mask losses are the model's criterion, unchanged.
 """
+
 import math
 from typing import Dict, List, Sequence
 
@@ -107,7 +108,8 @@ class PLOP(ContinualMethod):
             raise ValueError(f"CONT.PLOP.POD_WEIGHT={p.POD_WEIGHT} must be >= 0 (0: no POD)")
         if p.PSEUDO_LABELS not in PSEUDO_LABEL_KINDS:
             raise ValueError(
-                f"CONT.PLOP.PSEUDO_LABELS={p.PSEUDO_LABELS!r}; valid: {', '.join(PSEUDO_LABEL_KINDS)}"
+                f"CONT.PLOP.PSEUDO_LABELS={p.PSEUDO_LABELS!r}; valid: "
+                f"{', '.join(PSEUDO_LABEL_KINDS)}"
             )
         if not p.POD_SCALES or any(int(s) < 1 for s in p.POD_SCALES):
             raise ValueError(f"CONT.PLOP.POD_SCALES={list(p.POD_SCALES)} must be integers >= 1")

@@ -8,6 +8,7 @@ join the ground truth before matching.
 Shapes: B images, Q queries, K_old teacher classes (+1 no-object), (h, w) the mask-prediction
 size, (H, W) the padded image size of the targets, n pseudo segments.
 """
+
 import math
 from typing import Dict, List, Tuple
 
@@ -112,7 +113,9 @@ def mask_pseudo_labels(
     winner_bin = binarised.gather(1, winner[:, None])[:, 0] & assignable
 
     # Per-query areas by counting winners: no (B, Q, H, W) comparison is formed.
-    flat_winner = winner + torch.arange(num_images, device=winner.device)[:, None, None] * num_queries
+    flat_winner = (
+        winner + torch.arange(num_images, device=winner.device)[:, None, None] * num_queries
+    )
     won_area = torch.bincount(flat_winner[assignable], minlength=num_images * num_queries)
     won_in_bin = torch.bincount(flat_winner[winner_bin], minlength=num_images * num_queries)
     won_area = won_area.view(num_images, num_queries)

@@ -1,4 +1,5 @@
 """Evaluators chosen by a dataset's ``evaluator_type`` through a registry, not an if/elif ladder."""
+
 from detectron2.data import MetadataCatalog
 from detectron2.evaluation import COCOPanopticEvaluator, DatasetEvaluators, SemSegEvaluator
 from detectron2.utils.registry import Registry

@@ -15,17 +15,18 @@ import logging
 import math
 import os
 from collections import OrderedDict
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
+from tabulate import tabulate
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 
-from .panoptic_quality import PQStats, match_segments, pq_from_stats
+from .panoptic_quality import PQStats, match_segments, pq_from_stats, read_panoptic_png
 
 __all__ = ["ContinualEvaluator"]
 
@@ -44,16 +45,6 @@ def _to_numpy(x) -> np.ndarray:
 def _read_png(file_name: str) -> np.ndarray:
     with PathManager.open(file_name, "rb") as f:
         return np.asarray(Image.open(f))
-
-
-def _rgb_to_id(rgb: np.ndarray, file_name: str) -> np.ndarray:
-    """Segment ids of a panoptic PNG: R + 256 G + 256^2 B."""
-    if rgb.ndim != 3 or rgb.shape[2] < 3:
-        raise ValueError(
-            f"panoptic ground truth {file_name} is not an RGB image (shape {rgb.shape})"
-        )
-    rgb = rgb[..., :3].astype(np.int64)
-    return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
 
 
 def _shape_str(shape) -> str:
@@ -223,11 +214,11 @@ class ContinualEvaluator(DatasetEvaluator):
             )
         pred_ids = _to_numpy(pred_ids)
         gt_file = record["pan_seg_file_name"]
-        gt_ids = _rgb_to_id(_read_png(gt_file), gt_file)
+        gt_ids = read_panoptic_png(gt_file)
         if gt_ids.shape != pred_ids.shape:
             raise ValueError(
-                f"panoptic prediction for {record['file_name']} is {_shape_str(pred_ids.shape)} but "
-                f"its ground truth {gt_file} is {_shape_str(gt_ids.shape)}"
+                f"panoptic prediction for {record['file_name']} is {_shape_str(pred_ids.shape)} "
+                f"but its ground truth {gt_file} is {_shape_str(gt_ids.shape)}"
             )
         try:
             stats = match_segments(
@@ -257,15 +248,15 @@ class ContinualEvaluator(DatasetEvaluator):
         gt = _read_png(gt_file).astype(np.int64)
         if gt.shape != pred.shape:
             raise ValueError(
-                f"semantic prediction for {record['file_name']} is {_shape_str(pred.shape)} but its "
-                f"ground truth {gt_file} is {_shape_str(gt.shape)}"
+                f"semantic prediction for {record['file_name']} is {_shape_str(pred.shape)} but "
+                f"its ground truth {gt_file} is {_shape_str(gt.shape)}"
             )
         ignored = gt == self._ignore_label
         bad = ~ignored & ((gt < 0) | (gt >= k))
         if bad.any():
             raise ValueError(
-                f"semantic ground truth {gt_file} has label {int(gt[bad][0])}, neither a class id in "
-                f"[0, {k}) nor the ignore label {self._ignore_label}"
+                f"semantic ground truth {gt_file} has label {int(gt[bad][0])}, neither a class id "
+                f"in [0, {k}) nor the ignore label {self._ignore_label}"
             )
         gt[ignored] = k
         # unseen classes join the ignored pixels: column K, left out of every metric
@@ -305,17 +296,19 @@ class ContinualEvaluator(DatasetEvaluator):
             self._save(results, pq_stats, conf, num_images)
         return results
 
-    def _groups(self) -> List[tuple]:
-        """(key suffix, class ids) of every average reported."""
-        return [("", self._seen)] + [(f"_{name}", ids) for name, ids in self._splits.items()]
-
-    def _panoptic_results(self, stats: PQStats) -> Dict[str, float]:
+    def _groups(self) -> List[Tuple[str, str, List[int], bool]]:
+        """(table row, key suffix, class ids, panoptic only) of every average reported."""
         things = [c for c in self._seen if c in self._thing_ids]
         stuff = [c for c in self._seen if c not in self._thing_ids]
-        groups = self._groups()
-        groups[1:1] = [("_th", things), ("_st", stuff)]
+        return (
+            [("all", "", self._seen, False), ("things", "_th", things, True)]
+            + [("stuff", "_st", stuff, True)]
+            + [(name, f"_{name}", ids, False) for name, ids in self._splits.items()]
+        )
+
+    def _panoptic_results(self, stats: PQStats) -> Dict[str, float]:
         res = {}
-        for suffix, ids in groups:
+        for _, suffix, ids, _ in self._groups():
             avg = pq_from_stats(stats, ids)
             for metric in ("pq", "sq", "rq"):
                 res[f"{metric.upper()}{suffix}"] = 100 * avg[metric]
@@ -360,27 +353,16 @@ class ContinualEvaluator(DatasetEvaluator):
         return res
 
     def _log(self, results: Mapping[str, Mapping[str, float]]) -> None:
-        from tabulate import tabulate
-
-        names = ["all"] + (["things", "stuff"] if self._panoptic else []) + list(self._splits)
-        suffixes = (
-            [""] + (["_th", "_st"] if self._panoptic else []) + [f"_{s}" for s in self._splits]
-        )
+        pan, sem = results.get("panoptic_seg"), results.get("sem_seg")
+        headers = [""] + (["PQ", "SQ", "RQ"] if pan else []) + (["mIoU"] if sem else [])
         rows = []
-        for name, suffix in zip(names, suffixes):
-            row = [name]
-            pan = results.get("panoptic_seg", {})
-            sem = results.get("sem_seg", {})
-            if self._panoptic:
-                row += [pan[f"{m}{suffix}"] for m in ("PQ", "SQ", "RQ")]
-            if self._semantic:
-                row.append(sem.get(f"mIoU{suffix}", math.nan))
+        for name, suffix, _, panoptic_only in self._groups():
+            if panoptic_only and not pan:
+                continue
+            row = [name] + ([pan[f"{m}{suffix}"] for m in ("PQ", "SQ", "RQ")] if pan else [])
+            if sem:
+                row.append(math.nan if panoptic_only else sem[f"mIoU{suffix}"])
             rows.append(row)
-        headers = (
-            [""]
-            + (["PQ", "SQ", "RQ"] if self._panoptic else [])
-            + (["mIoU"] if self._semantic else [])
-        )
         table = tabulate(rows, headers=headers, tablefmt="pipe", floatfmt=".2f")
         logger.info(
             f"Continual evaluation on {self._dataset_name} ({len(self._seen)} of "

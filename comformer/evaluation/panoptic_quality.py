@@ -5,7 +5,7 @@ The rules are those of panopticapi's ``pq_compute_single_core`` (the reference i
 by detectron2's COCOPanopticEvaluator), so the numbers agree with ``pq_compute`` to float rounding:
 
 - ground-truth id 0 is VOID; so are the segments of ``void_classes`` (classes not yet seen in a
-  continual scenario): their pixels are turned into VOID, exactly as if they had never been labelled;
+  continual scenario): their pixels are turned into VOID, as if they had never been labelled;
 - IoU of a (gt, pred) pair = inter / (pred_area + gt_area - inter - pred∩VOID);
 - a pair matches if IoU > 0.5, both have the same category and the gt segment is not crowd;
 - every unmatched non-crowd gt segment is a false negative of its category;
@@ -15,9 +15,10 @@ by detectron2's COCOPanopticEvaluator), so the numbers agree with ``pq_compute``
 - ground-truth pixels whose id is neither 0 nor listed in ``segments_info`` are neither VOID nor a
   segment: they only enlarge the predictions' areas, as in panopticapi.
 
-Where panopticapi would refuse the input, this module differs in two documented ways: predicted
-segments listed in ``segments_info`` without any pixel are ignored (they can be neither matched nor
-counted; panopticapi raises), and areas are always counted from the id maps (panopticapi takes the
+Departures, all on input panopticapi handles oddly or refuses: predicted segments listed in
+``segments_info`` without any pixel are ignored (they can be neither matched nor counted;
+panopticapi raises); a segment listed with id 0 is an error (panopticapi would count its pixels as
+both VOID and that segment); areas are always counted from the id maps (panopticapi takes the
 ground-truth ``area`` from the json, which is the same number for well-formed data).
 
 Shapes: H W image size, K classes, G ground-truth segments, P predicted segments.
@@ -26,9 +27,12 @@ Shapes: H W image size, K classes, G ground-truth segments, P predicted segments
 import math
 from typing import Dict, Iterable, Mapping, Sequence, Tuple
 
+import cv2
 import numpy as np
 
-__all__ = ["PQStats", "pq_from_stats", "match_segments"]
+from detectron2.utils.file_io import PathManager
+
+__all__ = ["PQStats", "pq_from_stats", "match_segments", "read_panoptic_png"]
 
 
 class PQStats:
@@ -143,6 +147,26 @@ def pq_from_stats(stats: PQStats, class_ids: Iterable[int]) -> Dict[str, float]:
         "rq": float(per_class["rq"][ids].mean()),
         "n": n,
     }
+
+
+def read_panoptic_png(file_name: str) -> np.ndarray:
+    """
+    Args:
+        file_name: a panoptic PNG (any path PathManager opens), segment id = R + 256 G + 256^2 B.
+    Returns:
+        (H, W) int32 segment ids.
+    """
+    with PathManager.open(file_name, "rb") as f:
+        data = np.frombuffer(f.read(), dtype=np.uint8)
+    # OpenCV decodes PNG about twice as fast as PIL, and expands palette images to their colours
+    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise ValueError(f"{file_name} could not be decoded as an image")
+    return (
+        bgr[..., 2].astype(np.int32)
+        | (bgr[..., 1].astype(np.int32) << 8)
+        | (bgr[..., 0].astype(np.int32) << 16)
+    )
 
 
 def _segment_table(
