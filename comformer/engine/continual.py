@@ -130,6 +130,7 @@ class ContinualTrainer(Trainer):
 
     def build_model(self, cfg):
         model = build_model(cfg)
+        self.method.configure_model(model)  # e.g. the method's own classification loss
         teacher = None
         if self.step > 0 and self.method.needs_teacher:
             teacher_cfg = cfg.clone()

@@ -67,4 +67,7 @@ class MaskFormerHead(nn.Module):
 
     def forward(self, features, mask=None):
         mask_features, _, multi_scale_features = self.pixel_decoder.forward_features(features)
-        return self.predictor(multi_scale_features, mask_features, mask)
+        outputs = self.predictor(multi_scale_features, mask_features, mask)
+        # Continual methods distil the per-pixel embeddings (PLOP's POD); losses ignore the key.
+        outputs["mask_features"] = mask_features
+        return outputs
