@@ -186,3 +186,15 @@ def test_runner_trains_a_scenario_skips_finished_steps_and_guards_its_folder(tmp
 
     other = _run(out, "CONT.TASK", "10-2")
     assert other.returncode != 0 and "holds the steps of another run" in other.stderr
+
+
+def test_teacher_stays_out_of_the_students_state_and_parameters():
+    student = build_model(_cfg("CONT.STEP", 1))
+    teacher = build_model(_cfg("CONT.STEP", 0))
+    names = set(student.state_dict())
+    student.set_continual(None, teacher)
+    assert set(student.state_dict()) == names
+    assert not any(p is q for p in student.parameters() for q in teacher.parameters())
+    student.train()
+    assert student.teacher is teacher and not teacher.training
+    assert not any(p.requires_grad for p in teacher.parameters())

@@ -3,7 +3,8 @@
 
 Synthetic panoptic 10-10 on CPU: the base step (10 classes) is trained once, then the second step
 (10 new classes, without labels for the old ones) is learned by each method from that same base
-model. Ends with the steps x old/new/all PQ and mIoU table of every method and their plots:
+model. The model uses softmax masks across queries (CoMFormer's architecture) for every method, so
+the methods differ only in how they learn the new step. Ends with the steps x old/new/all PQ and mIoU table of every method and their plots:
 
     fine-tuning (ft)  forgets the old classes;
     joint             sees old and new labels again: the upper bound;
@@ -44,6 +45,7 @@ def main() -> int:
         out = os.path.join(args.output_dir, method)
         opts = [
             "MODEL.DEVICE", args.device,
+            "MODEL.MASK_FORMER.MASK_ACTIVATION", "softmax",
             "CONT.METHOD", method,
             "SOLVER.MAX_ITER", str(args.base_iters),
             "CONT.INC_ITERS_PER_CLASS", str(args.iters_per_class),

@@ -3,9 +3,11 @@ Evaluation after a step of a continual scenario: PQ and mIoU on the full validat
 classes not seen yet are void, reported for all seen classes and for named class splits (old / new /
 each step's classes) as well as per class.
 
-Both metrics are accumulated in memory while the model runs (PQ counts per class with
-:func:`match_segments`, a (K+1)x(K+1) confusion matrix for mIoU), so ``evaluate()`` only sums a
-few arrays across workers: no prediction PNGs, no json, no panopticapi pass over the files.
+Both metrics are accumulated in memory while the model runs (PQ counts per class with a
+:class:`PQAccumulator`, a (K+1)x(K+1) confusion matrix for mIoU), so ``evaluate()`` only sums a
+few arrays across workers: no prediction PNGs, no json, no panopticapi pass over the files. The
+ground truth is decoded once per evaluator and kept in memory (up to ``gt_cache_bytes``), so a
+second evaluation of the same images (after ``reset()``) reads no file.
 
 K is the number of classes of the dataset (``metadata.stuff_classes``); class ids are contiguous.
 """
@@ -15,7 +17,7 @@ import logging
 import math
 import os
 from collections import OrderedDict
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
@@ -26,7 +28,13 @@ from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 
-from .panoptic_quality import PQStats, match_segments, pq_from_stats, read_panoptic_png
+from .panoptic_quality import (
+    PanopticGroundTruth,
+    PQAccumulator,
+    PQStats,
+    pq_from_stats,
+    read_panoptic_png,
+)
 
 __all__ = ["ContinualEvaluator"]
 
@@ -34,6 +42,9 @@ logger = logging.getLogger(__name__)
 
 # Result keys PQ_th / PQ_st are detectron2's things/stuff averages; a split may not shadow them.
 _RESERVED_SPLIT_NAMES = ("th", "st")
+# Default memory for decoded ground truth per evaluator: all of a small validation set, about a
+# third of ADE20K's (stored at 1 byte per pixel for images with < 255 segments or classes).
+DEFAULT_GT_CACHE_BYTES = 256 << 20
 
 
 def _to_numpy(x) -> np.ndarray:
@@ -54,6 +65,26 @@ def _shape_str(shape) -> str:
 def _nan_to_none(x):
     # JSON has no NaN; a metric without a value is written as null.
     return None if isinstance(x, float) and math.isnan(x) else x
+
+
+class _GroundTruthCache:
+    """Decoded ground truth by key, kept while the total size stays within ``max_bytes`` (the
+    first images evaluated stay; later ones are decoded every time once the budget is spent)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = int(max_bytes)
+        self.nbytes = 0
+        self._items: Dict[Any, Any] = {}
+
+    def get(self, key, load: Callable[[], Tuple[Any, int]]):
+        """The value of ``key``; ``load()`` returns (value, its size in bytes) on a miss."""
+        value = self._items.get(key)
+        if value is None:
+            value, nbytes = load()
+            if self.nbytes + nbytes <= self.max_bytes:
+                self._items[key] = value
+                self.nbytes += nbytes
+        return value
 
 
 class ContinualEvaluator(DatasetEvaluator):
@@ -81,6 +112,7 @@ class ContinualEvaluator(DatasetEvaluator):
         semantic: bool,
         distributed: bool = True,
         output_dir: Optional[str] = None,
+        gt_cache_bytes: int = DEFAULT_GT_CACHE_BYTES,
     ):
         """
         Args:
@@ -99,6 +131,8 @@ class ContinualEvaluator(DatasetEvaluator):
             distributed: gather the counts of all workers in ``evaluate``.
             output_dir: if given, ``continual_evaluation.json`` (metrics and raw counts) is
                 written there.
+            gt_cache_bytes: memory for ground truth decoded by this evaluator and kept for its
+                later evaluations (0: decode every time).
         """
         if not (panoptic or semantic):
             raise ValueError(
@@ -140,6 +174,10 @@ class ContinualEvaluator(DatasetEvaluator):
             self._splits[name] = [c for c in ids if self._seen_mask[c]]
 
         self._records = self._load_records()
+        if gt_cache_bytes < 0:
+            raise ValueError(f"gt_cache_bytes={gt_cache_bytes} must be >= 0 (0: no cache)")
+        self._pan_gt_cache = _GroundTruthCache(gt_cache_bytes)
+        self._sem_gt_cache = _GroundTruthCache(gt_cache_bytes)
         self.reset()
 
     def _check_ids(self, ids: Sequence[int], what: str) -> List[int]:
@@ -176,7 +214,7 @@ class ContinualEvaluator(DatasetEvaluator):
         return records
 
     def reset(self):
-        self._pq_stats = PQStats(self._num_classes)
+        self._pq = PQAccumulator(self._num_classes, void_classes=self._unseen)
         # conf[pred, gt]; row and column K hold ignored ground truth (detectron2's layout)
         self._conf = np.zeros((self._num_classes + 1,) * 2, dtype=np.int64)
         self._num_images = 0
@@ -214,24 +252,27 @@ class ContinualEvaluator(DatasetEvaluator):
             )
         pred_ids = _to_numpy(pred_ids)
         gt_file = record["pan_seg_file_name"]
-        gt_ids = read_panoptic_png(gt_file)
-        if gt_ids.shape != pred_ids.shape:
+        try:
+            gt = self._pan_gt_cache.get(gt_file, lambda: self._load_panoptic_gt(record))
+        except ValueError as e:
+            raise ValueError(f"panoptic ground truth of {record['file_name']}: {e}") from e
+        if gt.shape != pred_ids.shape:
             raise ValueError(
                 f"panoptic prediction for {record['file_name']} is {_shape_str(pred_ids.shape)} "
-                f"but its ground truth {gt_file} is {_shape_str(gt_ids.shape)}"
+                f"but its ground truth {gt_file} is {_shape_str(gt.shape)}"
             )
         try:
-            stats = match_segments(
-                gt_ids,
-                record["segments_info"],
-                pred_ids,
-                pred_segments,
-                self._num_classes,
-                void_classes=self._unseen,
-            )
+            self._pq.add(gt, pred_ids, pred_segments)
         except ValueError as e:
             raise ValueError(f"panoptic evaluation of {record['file_name']}: {e}") from e
-        self._pq_stats.add(stats)
+
+    def _load_panoptic_gt(self, record: dict) -> Tuple[PanopticGroundTruth, int]:
+        gt = PanopticGroundTruth(
+            read_panoptic_png(record["pan_seg_file_name"]),
+            record["segments_info"],
+            self._num_classes,
+        )
+        return gt, gt.nbytes
 
     def _process_semantic(self, record: dict, output: dict) -> None:
         if "sem_seg" not in output:
@@ -243,14 +284,23 @@ class ContinualEvaluator(DatasetEvaluator):
                 f"sem_seg for {record['file_name']} has shape {tuple(scores.shape)}; expected "
                 f"({k}, H, W), one channel per class of {self._dataset_name!r} in class-id order"
             )
-        pred = _to_numpy(scores.argmax(0)).astype(np.int64)
+        pred = _to_numpy(scores.argmax(0))
         gt_file = record["sem_seg_file_name"]
-        gt = _read_png(gt_file).astype(np.int64)
+        gt = self._sem_gt_cache.get(gt_file, lambda: self._load_semantic_gt(gt_file))
         if gt.shape != pred.shape:
             raise ValueError(
                 f"semantic prediction for {record['file_name']} is {_shape_str(pred.shape)} but "
                 f"its ground truth {gt_file} is {_shape_str(gt.shape)}"
             )
+        self._conf += np.bincount(
+            (k + 1) * pred.reshape(-1).astype(np.int64) + gt.reshape(-1),
+            minlength=self._conf.size,
+        ).reshape(self._conf.shape)
+
+    def _load_semantic_gt(self, gt_file: str) -> Tuple[np.ndarray, int]:
+        """(H, W) class ids with ignored and unseen pixels as K, in the smallest integer type."""
+        k = self._num_classes
+        gt = _read_png(gt_file).astype(np.int64)
         ignored = gt == self._ignore_label
         bad = ~ignored & ((gt < 0) | (gt >= k))
         if bad.any():
@@ -261,9 +311,8 @@ class ContinualEvaluator(DatasetEvaluator):
         gt[ignored] = k
         # unseen classes join the ignored pixels: column K, left out of every metric
         gt[~self._kept_gt[gt]] = k
-        self._conf += np.bincount(
-            (k + 1) * pred.reshape(-1) + gt.reshape(-1), minlength=self._conf.size
-        ).reshape(self._conf.shape)
+        gt = gt.astype(np.uint8 if k < 256 else np.uint16 if k < 65536 else np.int64)
+        return gt, gt.nbytes
 
     def evaluate(self):
         """
@@ -273,7 +322,7 @@ class ContinualEvaluator(DatasetEvaluator):
             mACC, mIoU_<split>, IoU-<class>), in percent, per-class keys for seen classes only;
             None on workers other than the main one; {} if no image was processed.
         """
-        pq_stats, conf, num_images = self._pq_stats, self._conf, self._num_images
+        pq_stats, conf, num_images = self._pq.stats(), self._conf, self._num_images
         if self._distributed:
             comm.synchronize()
             gathered = comm.all_gather((pq_stats, conf, num_images))

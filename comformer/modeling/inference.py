@@ -18,6 +18,7 @@ __all__ = [
     "mask_probabilities",
     "semantic_inference",
     "panoptic_inference",
+    "panoptic_inference_reference",
     "instance_inference",
 ]
 
@@ -65,6 +66,97 @@ def panoptic_inference(
     mask_activation: str = "sigmoid",
 ) -> Tuple[torch.Tensor, List[Dict]]:
     """
+    Panoptic segmentation of one image from its query predictions, with the output of
+    :func:`panoptic_inference_reference` (same ids, categories, map and ``segments_info`` order),
+    but all queries at once: per-query areas come from counting the per-pixel winners, and the
+    segment ids (stuff queries of one class share the first one's) from comparing classes. The
+    only host syncs are the final ``tolist`` calls.
+
+    Args:
+        mask_cls: (Q, K+1) class logits.
+        mask_pred: (Q, H, W) mask logits.
+        thing_ids: contiguous class ids that are things; the others are stuff (one segment per class).
+        object_mask_threshold: queries whose best class probability is not above this are dropped,
+            as are queries whose best class is no-object.
+        overlap_threshold: a query keeps its segment only if the pixels it wins are at least this
+            fraction of its own binarised mask (prob >= 0.5).
+        mask_activation: "sigmoid" or "softmax" (across all Q queries, before any is dropped).
+    Returns:
+        panoptic_seg: (H, W) int32, 0 = void, segment ids 1..S.
+        segments_info: S dicts with ``id``, ``category_id`` (contiguous), ``isthing``.
+    """
+    device = mask_pred.device
+    num_classes = mask_cls.shape[-1] - 1
+    scores, labels = F.softmax(mask_cls, dim=-1).max(-1)
+    mask_prob = mask_probabilities(mask_pred, mask_activation)
+    keep = labels.ne(num_classes) & (scores > object_mask_threshold)
+    cur_scores, cur_classes, cur_masks = scores[keep], labels[keep], mask_prob[keep]
+
+    h, w = mask_pred.shape[-2:]
+    n = cur_masks.shape[0]
+    if n == 0:
+        return torch.zeros((h, w), dtype=torch.int32, device=device), []
+
+    winner = (cur_scores.view(-1, 1, 1) * cur_masks).argmax(0)  # (H, W), first max on ties
+    # A pixel joins its winner's segment only inside the winner's binarised mask.
+    in_winner_mask = cur_masks.gather(0, winner[None])[0] >= 0.5
+    won_area = torch.bincount(winner.flatten(), minlength=n)
+    segment_area = torch.bincount(winner[in_winner_mask], minlength=n)
+    original_area = (cur_masks >= 0.5).flatten(1).sum(1)
+    # Float64 division, as the reference's Python int / int.
+    accepted = (
+        (won_area > 0)
+        & (original_area > 0)
+        & (segment_area > 0)
+        & (won_area.double() / original_area.clamp(min=1).double() >= overlap_threshold)
+    )
+
+    is_thing_class = torch.zeros(num_classes + 1, dtype=torch.bool, device=device)
+    thing_list = [int(c) for c in thing_ids if 0 <= int(c) < num_classes]
+    if thing_list:
+        is_thing_class[torch.as_tensor(thing_list, device=device)] = True
+    is_thing = is_thing_class[cur_classes]
+    # Accepted stuff queries of one class form one segment, numbered at the first of them; every
+    # accepted thing query is a segment of its own. first[i]: the accepted query whose segment
+    # query i joins (itself for things and for the first query of a stuff class).
+    index = torch.arange(n, device=device)
+    same_segment = (
+        accepted[None, :]
+        & ~is_thing[None, :]
+        & ~is_thing[:, None]
+        & (cur_classes[None, :] == cur_classes[:, None])
+    )
+    same_segment |= torch.eye(n, dtype=torch.bool, device=device)
+    # argmax returns the first maximal index: the earliest accepted query of the same class.
+    first = torch.where(is_thing, index, same_segment.int().argmax(1))
+    starts = accepted & (first == index)
+    segment_id = torch.cumsum(starts, 0)[first]  # (n,), 1-based for accepted queries
+    id_of_query = torch.where(accepted, segment_id, torch.zeros_like(segment_id)).to(torch.int32)
+    panoptic_seg = torch.where(in_winner_mask, id_of_query[winner], 0).to(torch.int32)
+
+    new_ids = segment_id[starts].tolist()
+    new_classes = cur_classes[starts].tolist()
+    new_things = is_thing[starts].tolist()
+    segments_info = [
+        {"id": i, "isthing": t, "category_id": c}
+        for i, c, t in zip(new_ids, new_classes, new_things)
+    ]
+    return panoptic_seg, segments_info
+
+
+def panoptic_inference_reference(
+    mask_cls: torch.Tensor,
+    mask_pred: torch.Tensor,
+    *,
+    thing_ids: set,
+    object_mask_threshold: float,
+    overlap_threshold: float,
+    mask_activation: str = "sigmoid",
+) -> Tuple[torch.Tensor, List[Dict]]:
+    """
+    The straightforward form of :func:`panoptic_inference`, one query at a time; it defines the
+    output, and the vectorised version is tested against it.
+
     Args:
         mask_cls: (Q, K+1) class logits.
         mask_pred: (Q, H, W) mask logits.

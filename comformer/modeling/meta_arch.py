@@ -201,7 +201,9 @@ class MaskFormer(nn.Module):
             for p in teacher.parameters():
                 p.requires_grad_(False)
         self.method = method
-        self._teacher = teacher
+        # object.__setattr__: as a registered submodule the teacher would enter the state dict
+        # (and checkpoints), and .to()/.train() calls meant for the student.
+        object.__setattr__(self, "_teacher", teacher)
 
     def train(self, mode: bool = True):
         super().train(mode)
