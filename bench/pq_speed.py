@@ -12,9 +12,14 @@ Timed, best of ``--repeats``:
   panopticapi+write      the detectron2 COCOPanopticEvaluator path: encode and write the prediction
                          PNGs and json, then pq_compute
   hotcoco                hotcoco.panoptic.pq_compute on the same files, if hotcoco is installed
-  ours (arrays)          match_segments on in-memory id maps + PQStats.merge + pq_from_stats
-  ours (+gt PNG read)    the same, reading and decoding each ground-truth PNG, as
-                         ContinualEvaluator.process does
+                         (it decodes the PNGs of both sides; it does not count writing them)
+  ours, per image        match_segments per image on in-memory id maps + PQStats.merge
+  ours, batched          PQAccumulator on in-memory id maps (ground truth already compact)
+  evaluator, cold        end to end from model outputs: a new ContinualEvaluator, process() of
+                         every (int32 tensor, segments_info) output, evaluate(); decodes every
+                         ground-truth PNG
+  evaluator, warm        the same evaluator evaluating again after reset(): the ground truth is in
+                         its memory (as at every evaluation but the first)
 
 All, Things and Stuff PQ/SQ/RQ of every method are checked against panopticapi (to 1e-9).
 
@@ -25,6 +30,7 @@ import argparse
 import contextlib
 import io
 import json
+import logging
 import os
 import platform
 import sys
@@ -33,6 +39,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,11 +50,13 @@ from comformer.data.datasets.synthetic import (  # noqa: E402
     render_image,
     synthetic_categories,
 )
+from comformer.evaluation.continual import ContinualEvaluator  # noqa: E402
 from comformer.evaluation.panoptic_quality import (  # noqa: E402
+    PanopticGroundTruth,
+    PQAccumulator,
     PQStats,
     match_segments,
     pq_from_stats,
-    read_panoptic_png,
 )
 
 GROUPS = (("All", None), ("Things", True), ("Stuff", False))
@@ -141,24 +150,73 @@ def run_hotcoco(root: Path) -> dict:
         )
 
 
-def run_ours(cases, num_classes: int, thing_ids, gt_files=None) -> dict:
-    stats = PQStats(num_classes)
-    for index, (gt_ids, gt_segments, pred_ids, pred_segments) in enumerate(cases):
-        if gt_files is not None:
-            gt_ids = read_panoptic_png(str(gt_files[index]))
-        stats.add(match_segments(gt_ids, gt_segments, pred_ids, pred_segments, num_classes))
+def _groups(num_classes: int, thing_ids) -> dict:
     stuff_ids = [c for c in range(num_classes) if c not in thing_ids]
-    groups = {"All": range(num_classes), "Things": thing_ids, "Stuff": stuff_ids}
-    return {name: pq_from_stats(stats, ids) for name, ids in groups.items()}
+    return {"All": range(num_classes), "Things": thing_ids, "Stuff": stuff_ids}
 
 
-def best_time(fn, repeats: int):
-    best, result = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, result
+def run_per_image(cases, num_classes: int, thing_ids) -> dict:
+    stats = PQStats.merge(match_segments(*case, num_classes) for case in cases)
+    return {
+        name: pq_from_stats(stats, ids) for name, ids in _groups(num_classes, thing_ids).items()
+    }
+
+
+def run_batched(gts, cases, num_classes: int, thing_ids) -> dict:
+    accumulator = PQAccumulator(num_classes)
+    for gt, (_, _, pred_ids, pred_segments) in zip(gts, cases):
+        accumulator.add(gt, pred_ids, pred_segments)
+    stats = accumulator.stats()
+    return {
+        name: pq_from_stats(stats, ids) for name, ids in _groups(num_classes, thing_ids).items()
+    }
+
+
+def register_dataset(root: Path, cases, categories) -> str:
+    """The ground truth on disk as a registered dataset, for ContinualEvaluator."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    name = f"pq_speed_{root.name}"
+    records = [
+        {
+            "file_name": str(root / "images" / f"{i:06d}.jpg"),  # only a key: never read
+            "pan_seg_file_name": str(root / "gt" / f"{i:06d}.png"),
+            "segments_info": gt_segments,
+        }
+        for i, (_, gt_segments, _, _) in enumerate(cases)
+    ]
+    DatasetCatalog.register(name, lambda: records)
+    MetadataCatalog.get(name).set(
+        stuff_classes=[c["name"] for c in categories],
+        thing_dataset_id_to_contiguous_id={c["id"]: c["id"] for c in categories if c["isthing"]},
+    )
+    return name
+
+
+def model_outputs(cases, dataset_name: str):
+    """(inputs, outputs) batches of one image as the test loader and the model give them."""
+    from detectron2.data import DatasetCatalog
+
+    records = DatasetCatalog.get(dataset_name)
+    return [
+        (
+            [{"file_name": record["file_name"]}],
+            [{"panoptic_seg": (torch.from_numpy(pred_ids.astype(np.int32)), pred_segments)}],
+        )
+        for record, (_, _, pred_ids, pred_segments) in zip(records, cases)
+    ]
+
+
+def run_evaluator(evaluator: ContinualEvaluator, batches) -> dict:
+    evaluator.reset()
+    for inputs, outputs in batches:
+        evaluator.process(inputs, outputs)
+    res = evaluator.evaluate()["panoptic_seg"]
+    # percent -> fractions, as panopticapi
+    return {
+        name: {m: res[f"{m.upper()}{suffix}"] / 100 for m in ("pq", "sq", "rq")}
+        for name, suffix in (("All", ""), ("Things", "_th"), ("Stuff", "_st"))
+    }
 
 
 def max_difference(result: dict, reference: dict) -> float:
@@ -192,50 +250,81 @@ def main() -> int:
     cases = [make_case(spec, i, num_classes, rng) for i in range(args.num_images)]
     num_pixels = sum(c[0].size for c in cases)
 
-    rows = []
     with tempfile.TemporaryDirectory(prefix="pq_speed_") as tmp:
         root = Path(tmp)
         write_gt(root, cases, categories)
         write_predictions(root / "pred", cases)
-        t_api, reference = best_time(lambda: run_panopticapi(root), args.repeats)
-        rows.append(("panopticapi", t_api, 0.0))
+        gts = [PanopticGroundTruth(c[0], c[1], num_classes) for c in cases]
+        dataset_name = register_dataset(root, cases, categories)
+        batches = model_outputs(cases, dataset_name)
+        logging.getLogger("comformer").setLevel(logging.WARNING)  # no table per evaluation
+
+        def new_evaluator():
+            return ContinualEvaluator(
+                dataset_name,
+                seen_classes=range(num_classes),
+                splits={},
+                panoptic=True,
+                semantic=False,
+                distributed=False,
+            )
 
         def write_and_compute():
             write_predictions(root / "pred", cases)
             return run_panopticapi(root)
 
-        t, result = best_time(write_and_compute, args.repeats)
-        rows.append(("panopticapi+write", t, max_difference(result, reference)))
+        warm_evaluator = new_evaluator()
+        run_evaluator(warm_evaluator, batches)  # fills its ground-truth memory
+        methods = [
+            ("panopticapi", lambda: run_panopticapi(root)),
+            ("panopticapi+write", write_and_compute),
+        ]
         try:
             import hotcoco  # noqa: F401
         except ImportError:
             print("hotcoco is not installed: skipped (pip install hotcoco to include it)")
         else:
-            t, result = best_time(lambda: run_hotcoco(root), args.repeats)
-            rows.append(("hotcoco", t, max_difference(result, reference)))
-
-        t, result = best_time(lambda: run_ours(cases, num_classes, thing_ids), args.repeats)
-        rows.append(("ours (arrays)", t, max_difference(result, reference)))
-        gt_files = [root / "gt" / f"{i:06d}.png" for i in range(len(cases))]
-        t, result = best_time(
-            lambda: run_ours(cases, num_classes, thing_ids, gt_files), args.repeats
-        )
-        rows.append(("ours (+gt PNG read)", t, max_difference(result, reference)))
+            methods.append(("hotcoco", lambda: run_hotcoco(root)))
+        methods += [
+            ("ours, per image", lambda: run_per_image(cases, num_classes, thing_ids)),
+            ("ours, batched", lambda: run_batched(gts, cases, num_classes, thing_ids)),
+            ("evaluator, cold", lambda: run_evaluator(new_evaluator(), batches)),
+            ("evaluator, warm", lambda: run_evaluator(warm_evaluator, batches)),
+        ]
+        # Round-robin repeats: on a shared machine, a load spike then hurts one round of every
+        # method rather than all rounds of one.
+        best = {name: float("inf") for name, _ in methods}
+        results = {}
+        for _ in range(args.repeats):
+            for name, fn in methods:
+                start = time.perf_counter()
+                results[name] = fn()
+                best[name] = min(best[name], time.perf_counter() - start)
+    reference = results["panopticapi"]
+    t_api = best["panopticapi"]
+    t_hot = best.get("hotcoco")
+    rows = [(name, best[name], max_difference(results[name], reference)) for name, _ in methods]
 
     print(
         f"\n{args.num_images} images of {args.image_size}x{args.image_size}, {num_classes} "
         f"classes, {os.cpu_count()} CPUs, best of {args.repeats}"
     )
-    print("| method              |  time (s) | ms / image | vs panopticapi | max |diff| |")
-    print("|---------------------|-----------|------------|----------------|------------|")
+    print(
+        "| method              |  time (s) | ms / image | vs panopticapi | vs hotcoco | max |diff| |"
+    )
+    print(
+        "|---------------------|-----------|------------|----------------|------------|------------|"
+    )
     for name, t, diff in rows:
+        vs_hot = f"{t_hot / t:9.2f}x" if t_hot else "         -"
         print(
             f"| {name:<19} | {t:9.3f} | {1000 * t / len(cases):10.3f} | {t_api / t:13.1f}x "
-            f"| {diff:10.1e} |"
+            f"| {vs_hot} | {diff:10.1e} |"
         )
     print(
-        f"panopticapi runs {os.cpu_count()} worker processes (one per CPU); ours runs in the calling "
-        "process, single-threaded; pin with `taskset -c 0` for a one-core comparison"
+        f"panopticapi runs {os.cpu_count()} worker processes (one per CPU) and hotcoco its own "
+        "threads; ours runs in the calling process, single-threaded; pin with `taskset -c 0` for "
+        "a one-core comparison"
     )
     print(
         "PQ/SQ/RQ (All): "
@@ -255,7 +344,12 @@ def main() -> int:
         "python": platform.python_version(),
         "reference": {g: reference[g] for g, _ in GROUPS},
         "methods": {
-            name: {"seconds": t, "speedup_vs_panopticapi": t_api / t, "max_abs_diff": diff}
+            name: {
+                "seconds": t,
+                "speedup_vs_panopticapi": t_api / t,
+                "speedup_vs_hotcoco": t_hot / t if t_hot else None,
+                "max_abs_diff": diff,
+            }
             for name, t, diff in rows
         },
         "equal_to_panopticapi": ok,

@@ -1,4 +1,5 @@
 """Every config key comformer adds to detectron2's defaults, one comment each."""
+
 from detectron2.config import CfgNode as CN
 
 __all__ = ["add_comformer_config"]
@@ -190,3 +191,13 @@ def add_comformer_config(cfg: CN) -> None:
     cfg.CONT.PLOP.PSEUDO_THRESHOLD = 0.0
     # "entropy" pseudo-labels: lowest per-class threshold on the normalised entropy.
     cfg.CONT.PLOP.ENTROPY_THRESHOLD = 0.001
+
+    # ---------------------------------------------------------------- reliability
+    # A training sample whose files cannot be decoded or whose annotation contradicts them (sizes,
+    # PNG segment ids vs segments_info, class ids) is skipped with a warning and counted (log,
+    # metrics, results) instead of stopping training with an error naming the file.
+    cfg.INPUT.SKIP_BAD_SAMPLES = False
+    # Deterministic mode: torch.use_deterministic_algorithms, cuDNN benchmark off, and training
+    # batches of consecutive samples (no aspect-ratio grouping), so that with SEED >= 0 a killed and
+    # resumed run repeats the uninterrupted one.
+    cfg.DETERMINISTIC = False

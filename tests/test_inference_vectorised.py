@@ -1,9 +1,13 @@
-"""The vectorised panoptic inference gives exactly the output of the per-query reference.
+"""The fast paths give exactly the numbers of the straightforward ones.
 
-Random small cases (a few queries, classes and pixels) are drawn so that every branch of the
-reference occurs in the set: queries dropped by the score threshold or as no-object, stuff queries
-of one class merged into one segment, queries rejected by the overlap threshold, images without any
-segment. The test checks that these happen, so that the comparison cannot pass vacuously.
+* Panoptic inference: the vectorised version against the per-query reference on random small cases
+  (a few queries, classes and pixels) drawn so that every branch of the reference occurs in the
+  set: queries dropped by the score threshold or as no-object, stuff queries of one class merged
+  into one segment, queries rejected by the overlap threshold, images without any segment. The
+  test checks that these happen, so that the comparison cannot pass vacuously.
+* Panoptic quality: the batched accumulator (many images matched together) against per-image
+  matching, itself tested against panopticapi in test_panoptic_quality.py.
+* Step-timing sections: a no-op when off, exclusive times when on.
 """
 
 import numpy as np
@@ -131,3 +135,133 @@ def test_no_kept_query_gives_an_empty_void_map(activation):
         mask_activation=activation,
     )
     assert info == [] and pan.dtype == torch.int32 and pan.shape == (5, 6) and not pan.any()
+
+
+def test_ties_between_queries_go_to_the_first_as_in_the_reference():
+    # Three identical queries of one thing class: every pixel is a tie, the first query wins all.
+    mask_cls = torch.tensor([[4.0, 0.0, 0.0]] * 3)
+    mask_pred = torch.full((3, 4, 5), -6.0)
+    mask_pred[:, 1:3, 1:4] = 6.0
+    kwargs = dict(thing_ids={0}, object_mask_threshold=0.5, overlap_threshold=0.8)
+    ref_pan, ref_info = panoptic_inference_reference(mask_cls, mask_pred, **kwargs)
+    pan, info = panoptic_inference(mask_cls, mask_pred, **kwargs)
+    assert torch.equal(pan, ref_pan) and info == ref_info
+    assert info == [{"id": 1, "isthing": True, "category_id": 0}]
+    # the first query wins every pixel; its segment is its 2x3 mask; the others win nothing
+    assert pan.tolist() == [[0] * 5] + [[0, 1, 1, 1, 0]] * 2 + [[0] * 5]
+
+
+# ------------------------------------------------------------------ batched panoptic quality
+def _seg(id, cat, crowd=0):
+    return {"id": id, "category_id": cat, "iscrowd": crowd}
+
+
+def test_crowd_regions_belong_to_their_own_image_when_images_are_batched():
+    # Two 1x4 images, each with a crowd segment of class 0 on pixels 0-2 and a class-1 segment on
+    # pixel 3; each prediction puts a class-0 segment on pixels 0-1 (all on the crowd: ignored,
+    # no fp) and a class-1 segment on pixel 3 (tp, IoU 1). Batched, image 0's crowd region must
+    # not be replaced by image 1's (the "last crowd segment of the class" is per image).
+    from comformer.evaluation.panoptic_quality import PanopticGroundTruth, PQAccumulator
+
+    gt = np.array([[4, 4, 4, 9]])
+    gt_segments = [_seg(4, 0, crowd=1), _seg(9, 1)]
+    pred = np.array([[1, 1, 0, 2]])
+    pred_segments = [_seg(1, 0), _seg(2, 1)]
+    accumulator = PQAccumulator(3)
+    for _ in range(2):
+        accumulator.add(PanopticGroundTruth(gt, gt_segments, 3), pred, pred_segments)
+    stats = accumulator.stats()
+    assert stats.fp.tolist() == [0, 0, 0] and stats.fn.tolist() == [0, 0, 0]
+    assert stats.tp.tolist() == [0, 2, 0] and stats.iou_sum.tolist() == [0.0, 2.0, 0.0]
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 256])
+def test_batched_counts_equal_per_image_counts(chunk_size):
+    # Images of different sizes, ids and segment counts, crowd, void classes, unlisted gt ids,
+    # model-style (1..S) and arbitrary predicted ids: one accumulator over all of them gives the
+    # per-image counts summed (tp/fp/fn exactly, IoU sums to rounding), whatever the chunking.
+    from test_panoptic_quality import K, _random_case
+
+    from comformer.evaluation.panoptic_quality import (
+        PanopticGroundTruth,
+        PQAccumulator,
+        PQStats,
+        match_segments,
+    )
+
+    rng = np.random.RandomState(7)
+    void_classes = [1, 4]
+    accumulator = PQAccumulator(K, void_classes=void_classes, chunk_size=chunk_size)
+    per_image = []
+    for i in range(12):
+        gt_ids, gt_segments, pred_ids, pred_segments, _ = _random_case(rng)
+        if i % 2:  # renumber the prediction 1..S, as a model does (the no-lookup path)
+            lut = {s["id"]: n for n, s in enumerate(pred_segments, start=1)}
+            pred_ids = np.vectorize(lambda v: lut.get(int(v), 0))(pred_ids).astype(np.int32)
+            pred_segments = [dict(s, id=lut[s["id"]]) for s in pred_segments]
+        per_image.append(
+            match_segments(gt_ids, gt_segments, pred_ids, pred_segments, K, void_classes)
+        )
+        accumulator.add(PanopticGroundTruth(gt_ids, gt_segments, K), pred_ids, pred_segments)
+    expected = PQStats.merge(per_image)
+    stats = accumulator.stats()
+    assert stats.tp.sum() > 0 and stats.fp.sum() > 0 and stats.fn.sum() > 0
+    for name in ("tp", "fp", "fn"):
+        assert np.array_equal(getattr(stats, name), getattr(expected, name)), name
+    np.testing.assert_allclose(stats.iou_sum, expected.iou_sum, rtol=0, atol=1e-12)
+    # stats() flushes but does not reset: more images add to the same counts
+    assert np.array_equal(accumulator.stats().tp, stats.tp)
+
+
+def test_accumulator_rejects_bad_predictions_when_added():
+    from comformer.evaluation.panoptic_quality import PanopticGroundTruth, PQAccumulator
+
+    gt = PanopticGroundTruth(np.array([[1, 1]]), [_seg(1, 0)], 2)
+    accumulator = PQAccumulator(2)
+    with pytest.raises(ValueError, match=r"id\(s\) \[3\] appear in the id map but not"):
+        accumulator.add(gt, np.array([[1, 3]], dtype=np.int32), [_seg(1, 0)])
+    with pytest.raises(ValueError, match="negative id -1"):
+        accumulator.add(gt, np.array([[1, -1]], dtype=np.int32), [_seg(1, 0)])
+    with pytest.raises(ValueError, match="1x2 but the prediction is 1x3"):
+        accumulator.add(gt, np.array([[1, 1, 1]]), [_seg(1, 0)])
+    # uint8 ids times the number of gt rows must not overflow: 200 * 3 rows > 255
+    pred = np.full((1, 2), 200, dtype=np.uint8)
+    accumulator.add(gt, pred, [_seg(200, 0)])
+    assert accumulator.stats().tp.tolist() == [1, 0]
+    with pytest.raises(ValueError, match=r"void_classes \[2\]"):
+        PQAccumulator(2, void_classes=[2])
+
+
+# ------------------------------------------------------------------ step timing sections
+def test_timing_is_a_shared_no_op_when_disabled_and_exclusive_when_enabled(monkeypatch):
+    from comformer.utils import timing
+
+    timing.enable_timing(False)
+    timing.reset_timing()
+    assert timing.timed("a") is timing.timed("b")  # one shared null context, no clock read
+    with timing.timed("a"):
+        pass
+    assert timing.timing_totals() == {}
+
+    clock = iter([0.0, 1.0, 5.0, 5.0, 6.0, 10.0, 20.0, 23.0])
+    monkeypatch.setattr(timing, "perf_counter", lambda: next(clock))
+
+    @timing.timed_function("inner")
+    def inner():
+        return 42
+
+    timing.enable_timing(True)
+    try:
+        with timing.timed("outer"):  # 0 .. 10
+            assert inner() == 42  # 1 .. 5
+            with timing.timed("inner"):  # 5 .. 6
+                pass
+        with timing.timed("inner"):  # 20 .. 23
+            pass
+    finally:
+        timing.enable_timing(False)
+    # outer: 10 - (4 + 1) = 5 exclusive; inner: 4 + 1 + 3 = 8
+    assert timing.timing_totals() == {"outer": 5.0, "inner": 8.0}
+    assert timing.timing_counts() == {"outer": 1, "inner": 3}
+    timing.reset_timing()
+    assert timing.timing_totals() == {}

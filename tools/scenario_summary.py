@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     cfg = get_cfg()
     add_deeplab_config(cfg)
     add_comformer_config(cfg)
-    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_file(args.config_file, allow_unsafe=False)
     cfg.merge_from_list(args.opts)
     scenario = build_scenario(cfg)
     if scenario is None:

@@ -13,13 +13,13 @@ step with CONT.STEP t:
 
     python tools/train_net.py --config-file configs/synthetic/continual/panoptic_10-2_comformer.yaml
 """
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, launch
 
 import comformer  # noqa: F401  (registers datasets and model parts)
 from comformer.data.scenario import build_scenario
 from comformer.engine import Trainer, setup_cfg
 from comformer.engine.continual import run_scenario
+from comformer.utils.io import AtomicDetectionCheckpointer
 
 
 def main(args):
@@ -28,7 +28,8 @@ def main(args):
         return run_scenario(cfg, resume=args.resume, eval_only=args.eval_only)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        # weights_only loading: a checkpoint cannot run code
+        AtomicDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         return Trainer.test(cfg, model)

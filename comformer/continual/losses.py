@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ..modeling.criterion import SetCriterion
+from ..utils.timing import timed
 
 __all__ = [
     "unbiased_ce_log_probs",
@@ -330,5 +331,5 @@ def teacher_predict(model: torch.nn.Module, images, step: int):
             "has no teacher: ContinualTrainer builds it when method.needs_teacher is True "
             "(model.set_continual(method, teacher))"
         )
-    with torch.no_grad():
+    with torch.no_grad(), timed("teacher forward"):
         return teacher.predict(images)

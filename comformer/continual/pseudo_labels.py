@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from ..modeling.inference import mask_probabilities
+from ..utils.timing import timed_function
 
 __all__ = [
     "covered_by_targets",
@@ -28,6 +29,7 @@ __all__ = [
 PseudoLabels = List[Tuple[Tensor, Tensor]]
 
 
+@timed_function("pseudo-labels")
 def covered_by_targets(targets: List[Dict[str, Tensor]], size: Tuple[int, int]) -> Tensor:
     """
     Pixels of each image covered by some ground-truth segment.
@@ -60,6 +62,7 @@ def _split_per_image(
 
 
 @torch.no_grad()
+@timed_function("pseudo-labels")
 def mask_pseudo_labels(
     pred_logits: Tensor,
     pred_masks: Tensor,
@@ -104,13 +107,18 @@ def mask_pseudo_labels(
     keep = (labels != no_object) & (scores >= score_threshold)
 
     binarised = probs >= mask_threshold
-    bin_area = binarised.flatten(2).sum(-1)  # (B, Q)
+    # int32 sums: bool -> int64 conversion of the whole (B, Q, H, W) stack costs more than the sum
+    bin_area = binarised.flatten(2).sum(-1, dtype=torch.int32)  # (B, Q)
     # The competition between queries: kept queries score >= 0, dropped ones -1 never win.
-    weighted = probs.mul_(scores[:, :, None, None]).masked_fill_(~keep[:, :, None, None], -1.0)
-    winner = weighted.argmax(1)  # (B, H, W)
+    weighted = probs.mul_(scores[:, :, None, None])
+    weighted[~keep] = -1.0  # whole (H, W) planes: cheaper than a broadcast masked_fill
+    # max(dim).indices is argmax (the first maximal index on ties, as documented for both), and
+    # on CPU about 2-3x faster along a strided dimension.
+    winner = weighted.max(1).indices  # (B, H, W)
     del weighted, probs
     assignable = keep.any(1)[:, None, None] & ~covered  # (B, H, W)
     winner_bin = binarised.gather(1, winner[:, None])[:, 0] & assignable
+    del binarised
 
     # Per-query areas by counting winners: no (B, Q, H, W) comparison is formed.
     flat_winner = (
@@ -123,11 +131,10 @@ def mask_pseudo_labels(
     selected = keep & (won_in_bin > 0) & (2 * won_area > bin_area)
 
     batch_idx, query_idx = selected.nonzero(as_tuple=True)  # sorted by image
-    seg_masks = (
-        (winner[batch_idx] == query_idx[:, None, None])
-        & winner_bin[batch_idx]
-        & binarised[batch_idx, query_idx]
-    )
+    # A query's segment: the pixels it wins inside its own binarised mask (where it wins, its
+    # mask is the winner's, so winner_bin already holds that test).
+    taken_by = torch.where(winner_bin, winner, torch.full_like(winner, -1))
+    seg_masks = taken_by[batch_idx] == query_idx[:, None, None]
     return _split_per_image(batch_idx, labels[batch_idx, query_idx], seg_masks, num_images)
 
 
@@ -156,6 +163,7 @@ def _per_class_median(values: Tensor, classes: Tensor, num_classes: int) -> Tens
 
 
 @torch.no_grad()
+@timed_function("pseudo-labels")
 def entropy_pseudo_labels(
     pred_logits: Tensor,
     pred_masks: Tensor,
@@ -198,7 +206,7 @@ def entropy_pseudo_labels(
     pixel_probs = pixel_probs / pixel_probs.sum(1, keepdim=True).clamp(min=1e-12)
     entropy = -(pixel_probs * pixel_probs.clamp(min=1e-12).log()).sum(1)
     entropy = entropy / math.log(num_labels)  # (B, H, W) in [0, 1]
-    pixel_label = pixel_probs.argmax(1)  # (B, H, W)
+    pixel_label = pixel_probs.max(1).indices  # (B, H, W), = argmax(1), faster (see above)
     del pixel_probs
 
     candidate = ~covered & (pixel_label != num_labels - 1)
@@ -216,6 +224,7 @@ def entropy_pseudo_labels(
     return _split_per_image(batch_idx, class_idx, seg_masks, num_images)
 
 
+@timed_function("pseudo-labels")
 def add_pseudo_labels(
     targets: List[Dict[str, Tensor]], pseudo: PseudoLabels
 ) -> List[Dict[str, Tensor]]:

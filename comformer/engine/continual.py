@@ -9,7 +9,7 @@ Layout of ``OUTPUT_DIR``::
     results.json, results.csv  one row per finished step: old / new / all PQ and mIoU, per class
     results.md, results.png    the steps x old/new/all table and its plot
 """
-import copy
+
 import csv
 import json
 import logging
@@ -20,8 +20,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_train_loader
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.build import get_detection_dataset_dicts
 from detectron2.engine import hooks
 from detectron2.modeling import build_model
@@ -31,8 +30,13 @@ from ..continual import FreezeOldClassesHook, build_method, grow_classifier_stat
 from ..data.mappers import build_train_mapper
 from ..data.scenario import Scenario, build_scenario, register_step_dataset
 from ..evaluation.continual import ContinualEvaluator
-from ..utils.io import atomic_write_json, atomic_write_text, load_checkpoint_state
-from .trainer import Trainer
+from ..utils.io import (
+    AtomicDetectionCheckpointer,
+    atomic_write_json,
+    atomic_write_text,
+    load_checkpoint_state,
+)
+from .trainer import Trainer, build_train_loader
 
 __all__ = [
     "ContinualTrainer",
@@ -150,13 +154,15 @@ class ContinualTrainer(Trainer):
             cfg, name, label_map=self.scenario.label_map(self.step, train_classes)
         )
         dataset = get_detection_dataset_dicts([name], filter_empty=False)
-        return build_detection_train_loader(cfg, dataset=dataset, mapper=mapper)
+        return build_train_loader(cfg, dataset, mapper)
 
     def build_hooks(self):
         # Evaluation happens once per step in the runner, with the continual evaluator.
         result = [h for h in super().build_hooks() if not isinstance(h, hooks.EvalHook)]
         if self.step > 0 and self.cfg.CONT.FREEZE_OLD_CLASSIFIER:
-            result.insert(0, FreezeOldClassesHook(self.model, self.scenario.num_seen(self.step - 1)))
+            result.insert(
+                0, FreezeOldClassesHook(self.model, self.scenario.num_seen(self.step - 1))
+            )
         return result
 
     def resume_or_load(self, resume: bool = True):
@@ -277,7 +283,9 @@ def load_results(output_dir: str) -> List[Dict]:
 
 
 def _fmt(value) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.1f}"
+    return (
+        "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.1f}"
+    )
 
 
 def results_table(rows: List[Dict], title: str = "") -> str:
@@ -392,15 +400,20 @@ def run_scenario(cfg, resume: bool = False, eval_only: bool = False) -> List[Dic
     for step in steps:
         cfg_t = step_config(cfg, scenario, step)
         previous = (
-            os.path.join(step_dir(cfg.OUTPUT_DIR, step - 1), "model_final.pth") if step > 0 else None
+            os.path.join(step_dir(cfg.OUTPUT_DIR, step - 1), "model_final.pth")
+            if step > 0
+            else None
         )
         if is_step_done(cfg.OUTPUT_DIR, step) and not eval_only:
             logger.info(f"Step {step} of {scenario.task} is finished ({cfg_t.OUTPUT_DIR}); skipped")
             continue
         os.makedirs(cfg_t.OUTPUT_DIR, exist_ok=True)
+        skipped = None  # bad samples skipped in training (INPUT.SKIP_BAD_SAMPLES)
         if eval_only:
             model = build_model(cfg_t)
-            DetectionCheckpointer(model).load(os.path.join(cfg_t.OUTPUT_DIR, "model_final.pth"))
+            AtomicDetectionCheckpointer(model).load(
+                os.path.join(cfg_t.OUTPUT_DIR, "model_final.pth")
+            )
         elif step == 0 and cfg.CONT.BASE_WEIGHTS:
             model = _adopt_base_weights(cfg_t, cfg.CONT.BASE_WEIGHTS, scenario)
         else:
@@ -408,6 +421,7 @@ def run_scenario(cfg, resume: bool = False, eval_only: bool = False) -> List[Dic
             trainer.resume_or_load(resume=resume)
             trainer.train()
             model = trainer.model
+            skipped = sum(comm.all_gather(trainer.num_bad_samples))
         results = evaluate_step(cfg_t, model, scenario, step)
         if comm.is_main_process():
             row = {
@@ -419,6 +433,8 @@ def run_scenario(cfg, resume: bool = False, eval_only: bool = False) -> List[Dic
                 "iterations": cfg_t.SOLVER.MAX_ITER,
                 **_flatten(results),
             }
+            if cfg.INPUT.SKIP_BAD_SAMPLES and skipped is not None:
+                row["bad_samples_skipped"] = skipped
             rows = record_step(cfg.OUTPUT_DIR, row, title)
             visualize_step(cfg_t, model, scenario, step, cfg.CONT.VIS_IMAGES)
             atomic_write_json(os.path.join(cfg_t.OUTPUT_DIR, "done.json"), row)
@@ -438,6 +454,6 @@ def _adopt_base_weights(cfg_t, weights: str, scenario: Scenario):
     model = build_model(cfg_t)
     model.load_state_dict(state)
     if comm.is_main_process():
-        DetectionCheckpointer(model, save_dir=cfg_t.OUTPUT_DIR).save("model_final")
+        AtomicDetectionCheckpointer(model, save_dir=cfg_t.OUTPUT_DIR).save("model_final")
     comm.synchronize()
     return model

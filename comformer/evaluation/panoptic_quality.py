@@ -215,7 +215,13 @@ def _segment_table(
     return ids, cats
 
 
-def _labels_of(id_map: np.ndarray, ids: np.ndarray, label_of_index: np.ndarray, other: int):
+def _labels_of(
+    id_map: np.ndarray,
+    ids: np.ndarray,
+    label_of_index: np.ndarray,
+    other: int,
+    dtype: type = np.intp,
+):
     """
     Map every pixel's segment id to a compact label: ``label_of_index[i]`` where the pixel id is
     ``ids[i]``, 0 where it is 0, ``other`` where it is not listed.
@@ -224,23 +230,24 @@ def _labels_of(id_map: np.ndarray, ids: np.ndarray, label_of_index: np.ndarray, 
         id_map: (H, W) non-negative integer ids.
         ids: (S,) listed ids, positive and distinct.
         label_of_index: (S,) their labels.
+        dtype: integer type of the result, large enough for every label.
     Returns:
-        (H*W,) intp labels.
+        (H*W,) labels.
     """
     flat = id_map.reshape(-1)
     if flat.size == 0:
-        return np.zeros(0, dtype=np.intp)
+        return np.zeros(0, dtype=dtype)
     max_id = max(int(flat.max()), int(ids.max()) if ids.size else 0)
     # Small ids (model outputs 1..S, many datasets) index a lookup table: one gather per pixel,
     # several times cheaper than a binary search. COCO's colour-coded ids reach 2^24: too large.
     if max_id <= max(2 * flat.size, 1 << 12):
-        lut = np.full(max_id + 1, other, dtype=np.intp)
+        lut = np.full(max_id + 1, other, dtype=dtype)
         lut[ids] = label_of_index
         lut[0] = 0
         return lut[flat]
-    table = np.append(np.asarray(label_of_index, dtype=np.intp), other)
+    table = np.append(np.asarray(label_of_index, dtype=dtype), np.array([other], dtype=dtype))
     if ids.size == 0:
-        labels = np.full(flat.shape, other, dtype=np.intp)
+        labels = np.full(flat.shape, other, dtype=dtype)
     else:
         order = np.argsort(ids)
         sorted_ids = ids[order]
@@ -292,12 +299,15 @@ class PanopticGroundTruth:
         id_map = _as_id_map(id_map, "ground-truth")
         ids, cats = _segment_table(segments, num_classes, "ground-truth")
         num_segments = len(ids)
-        labels = _labels_of(
-            id_map, np.array(ids, dtype=np.int64), np.arange(1, num_segments + 1), num_segments + 1
-        )
         dtype = np.uint8 if num_segments < 255 else np.uint16 if num_segments < 65535 else np.int64
         self.shape = tuple(id_map.shape)
-        self.labels = labels.astype(dtype)
+        self.labels = _labels_of(
+            id_map,
+            np.array(ids, dtype=np.int64),
+            np.arange(1, num_segments + 1),
+            num_segments + 1,
+            dtype=dtype,
+        )
         self.row_categories = np.array([num_classes] + cats + [num_classes], dtype=np.int64)
         crowd = [bool(s.get("iscrowd", 0)) for s in segments]
         self.row_crowd = np.array([False] + crowd + [False], dtype=bool)

@@ -6,6 +6,7 @@ Masks are normalised in one of two ways, chosen by ``mask_activation``:
 - "sigmoid" (Mask2Former): each query's mask is an independent per-pixel probability;
 - "softmax" (CoMFormer): a softmax across queries at every pixel, so the queries compete for pixels.
 """
+
 from typing import Dict, List, Tuple
 
 import torch
@@ -25,7 +26,9 @@ __all__ = [
 MASK_ACTIVATIONS = ("sigmoid", "softmax")
 
 
-def mask_probabilities(mask_logits: torch.Tensor, activation: str, query_dim: int = 0) -> torch.Tensor:
+def mask_probabilities(
+    mask_logits: torch.Tensor, activation: str, query_dim: int = 0
+) -> torch.Tensor:
     """
     Args:
         mask_logits: mask logits with queries along ``query_dim``.
@@ -97,7 +100,9 @@ def panoptic_inference(
     if n == 0:
         return torch.zeros((h, w), dtype=torch.int32, device=device), []
 
-    winner = (cur_scores.view(-1, 1, 1) * cur_masks).argmax(0)  # (H, W), first max on ties
+    # max(0).indices is the reference's argmax(0) (the first maximal index on ties, as both are
+    # documented), and on CPU several times faster along a strided dimension.
+    winner = (cur_scores.view(-1, 1, 1) * cur_masks).max(0).indices  # (H, W)
     # A pixel joins its winner's segment only inside the winner's binarised mask.
     in_winner_mask = cur_masks.gather(0, winner[None])[0] >= 0.5
     won_area = torch.bincount(winner.flatten(), minlength=n)
@@ -204,7 +209,9 @@ def panoptic_inference_reference(
         if not isthing:
             stuff_segment_of_class[pred_class] = segment_id
         panoptic_seg[mask] = segment_id
-        segments_info.append({"id": segment_id, "isthing": bool(isthing), "category_id": pred_class})
+        segments_info.append(
+            {"id": segment_id, "isthing": bool(isthing), "category_id": pred_class}
+        )
     return panoptic_seg, segments_info
 
 

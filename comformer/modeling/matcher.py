@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from detectron2.config import configurable
 from detectron2.projects.point_rend.point_features import point_sample
 
+from ..utils.timing import timed
 from .mask_losses import (
     pairwise_dice_loss,
     pairwise_sigmoid_ce_loss,
@@ -121,22 +122,36 @@ class HungarianMatcher(nn.Module):
             raise ValueError(
                 f"HungarianMatcher: {len(targets)} targets for a batch of {pred_logits.shape[0]}"
             )
-        return [self._match_image(pred_logits[b], pred_masks[b], t) for b, t in enumerate(targets)]
+        with timed("matching"):
+            costs = []
+            for b, target in enumerate(targets):
+                num_targets = target["labels"].shape[0]
+                if target["masks"].shape[0] != num_targets:
+                    raise ValueError(
+                        f"HungarianMatcher: a target has {num_targets} labels but "
+                        f"{target['masks'].shape[0]} masks; they must be equal (one mask per label)"
+                    )
+                # Images without targets draw no points (the random stream stays as it was).
+                costs.append(
+                    self.cost_matrix(pred_logits[b], pred_masks[b], target) if num_targets else None
+                )
+            return self._assign_all(costs)
 
-    def _match_image(
-        self, logits: Tensor, masks: Tensor, target: Dict[str, Tensor]
-    ) -> Tuple[Tensor, Tensor]:
-        """Match the Q queries of one image ((Q, K+1) logits, (Q, H, W) masks) to its targets."""
-        labels = target["labels"]
-        if target["masks"].shape[0] != labels.shape[0]:
-            raise ValueError(
-                f"HungarianMatcher: a target has {labels.shape[0]} labels but "
-                f"{target['masks'].shape[0]} masks; they must be equal (one mask per label)"
-            )
-        if labels.numel() == 0:
-            empty = torch.empty(0, dtype=torch.int64)
-            return empty, empty.clone()
-        return self._assign(self.cost_matrix(logits, masks, target))
+    @classmethod
+    def _assign_all(cls, costs: List[Optional[Tensor]]) -> List[Tuple[Tensor, Tensor]]:
+        """Solve the assignment of each (Q, N_b) cost (None: no target), with one device-to-host
+        copy for the whole batch (a copy per image is a synchronisation per image on CUDA)."""
+        present = [c for c in costs if c is not None]
+        flat = torch.cat([c.reshape(-1) for c in present]).cpu() if present else None
+        out, offset = [], 0
+        for cost in costs:
+            if cost is None:
+                empty = torch.empty(0, dtype=torch.int64)
+                out.append((empty, empty.clone()))
+                continue
+            out.append(cls._assign(flat[offset : offset + cost.numel()].view(cost.shape)))
+            offset += cost.numel()
+        return out
 
     @torch.no_grad()
     def cost_matrix(

@@ -14,7 +14,7 @@ the evaluators (``panoptic_json``, ``panoptic_root``, ...) are those of registra
 import json
 import logging
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
@@ -202,6 +202,22 @@ def _convert_segment(
     return converted
 
 
+def _check_segment_ids(
+    segments: Sequence[Mapping], json_file: str, ann_index: int, png: str
+) -> None:
+    """Segment ids of one annotation are positive (0 is void in the PNG) and unique: otherwise two
+    segments would share one mask, or a segment would claim the void pixels."""
+    counts = Counter(s["id"] for s in segments)
+    bad = sorted((i for i in counts if not isinstance(i, int) or i <= 0), key=str)
+    dup = sorted((i for i, n in counts.items() if n > 1), key=str)
+    if bad or dup:
+        raise ValueError(
+            f"{json_file}: annotation #{ann_index} ({png!r}) has segment ids that are "
+            + (f"not positive integers {bad} (0 is void) " if bad else "")
+            + (f"repeated {dup}" if dup else "")
+        )
+
+
 def load_panoptic_json(
     json_file: str,
     image_dir: str,
@@ -238,7 +254,11 @@ def load_panoptic_json(
     Raises:
         FileNotFoundError: the json, a folder or a referenced file does not exist.
         ValueError: the json is malformed (bad JSON, missing keys, an annotation whose image_id
-            has no image entry, an unknown category id).
+            has no image entry, an unknown category id, segment ids repeated or not positive).
+
+    Checks that need the files decoded (PNG segment ids against ``segments_info``, sizes, label
+    values) are the training mapper's, at read time: doing them here would decode every PNG of
+    the dataset at each load.
     """
     if not os.path.isfile(json_file):
         raise FileNotFoundError(f"panoptic json {json_file} does not exist{_hint(prepare_hint)}")
@@ -297,6 +317,7 @@ def load_panoptic_json(
         record["segments_info"] = [
             _convert_segment(s, meta, json_file, index, image_id) for s in ann["segments_info"]
         ]
+        _check_segment_ids(record["segments_info"], json_file, index, ann["file_name"])
         records.append(record)
     if not records:
         raise ValueError(f"{json_file} has no annotations{_hint(prepare_hint)}")

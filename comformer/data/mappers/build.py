@@ -1,4 +1,9 @@
-"""Mapper registry and the helpers both mappers share (augmentation, padding, instance targets)."""
+"""Mapper registry and the helpers both mappers share (augmentation, padding, instance targets, and
+the checks that turn a bad training sample into a clear error, or into a counted skip)."""
+
+import copy
+import logging
+import multiprocessing
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -14,6 +19,7 @@ from detectron2.structures import BitMasks, Instances
 from detectron2.utils.registry import Registry
 
 __all__ = [
+    "BadSampleError",
     "MAPPER_REGISTRY",
     "build_train_mapper",
     "build_augmentation",
@@ -22,10 +28,22 @@ __all__ = [
     "SegmentationMapperBase",
 ]
 
+logger = logging.getLogger(__name__)
+
+
+class BadSampleError(ValueError):
+    """
+    A training sample that cannot be used as it is: a file that cannot be read or decoded, or an
+    annotation that contradicts its files (sizes, segment ids, class ids). The message names the
+    file and the fault. Mappers raise it, or skip the sample when built with ``skip_bad_samples``.
+    """
+
+
 MAPPER_REGISTRY = Registry("MAPPER")
 MAPPER_REGISTRY.__doc__ = """
 Training dataset mappers. A member is a class built as ``Mapper(cfg, is_train=True)`` whose instances
-turn one dataset dict into the model's input dict (``image``, ``sem_seg``, ``instances``).
+turn one dataset dict into the model's input dict (``image``, ``sem_seg``, ``instances``), or into
+None for a bad sample skipped under INPUT.SKIP_BAD_SAMPLES.
 """
 
 # Which mapper a dataset gets when INPUT.DATASET_MAPPER_NAME is empty, by its evaluator_type.
@@ -80,9 +98,11 @@ def build_augmentation(cfg, is_train: bool = True) -> List[T.Augmentation]:
                 cfg.INPUT.CROP.TYPE,
                 cfg.INPUT.CROP.SIZE,
                 cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA,
-                MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).get("ignore_label", 255)
-                if cfg.DATASETS.TRAIN
-                else 255,
+                (
+                    MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).get("ignore_label", 255)
+                    if cfg.DATASETS.TRAIN
+                    else 255
+                ),
             )
         )
     if cfg.INPUT.COLOR_AUG_SSD:
@@ -104,7 +124,9 @@ def pad_to_divisibility(
     h, w = image.shape[-2:]
     pad = [0, (-w) % size_divisibility, 0, (-h) % size_divisibility]
     image = F.pad(image, pad, value=128).contiguous()
-    padded = [None if s is None else F.pad(s, pad, value=ignore_label).contiguous() for s in segmentations]
+    padded = [
+        None if s is None else F.pad(s, pad, value=ignore_label).contiguous() for s in segmentations
+    ]
     return image, padded
 
 
@@ -113,16 +135,25 @@ def make_instances(image_shape, classes: Sequence[int], masks: Sequence[np.ndarr
     instances = Instances(image_shape)
     instances.gt_classes = torch.tensor(list(classes), dtype=torch.int64)
     if len(masks) == 0:
-        instances.gt_masks = BitMasks(torch.zeros((0, image_shape[0], image_shape[1]), dtype=torch.bool))
+        instances.gt_masks = BitMasks(
+            torch.zeros((0, image_shape[0], image_shape[1]), dtype=torch.bool)
+        )
     else:
-        instances.gt_masks = BitMasks(torch.stack([torch.from_numpy(np.ascontiguousarray(m)) for m in masks]))
+        instances.gt_masks = BitMasks(
+            torch.stack([torch.from_numpy(np.ascontiguousarray(m)) for m in masks])
+        )
     return instances
 
 
 class SegmentationMapperBase:
     """
-    What both training mappers share: reading the image and its label map, the augmentation, the
-    padding. Subclasses implement ``__call__``.
+    What both training mappers share: reading the image and its label map with checks, the
+    augmentation, the padding, and the handling of bad samples. Subclasses implement
+    ``map_record(dataset_dict)`` on a private copy of the record; calling the mapper runs it.
+
+    A bad sample (:class:`BadSampleError`) stops training with the error, or, with
+    ``skip_bad_samples``, is logged as a warning, counted in :attr:`num_skipped` and mapped to None,
+    which the training loader drops.
     """
 
     @configurable
@@ -135,6 +166,8 @@ class SegmentationMapperBase:
         ignore_label: int,
         size_divisibility: int,
         label_map: Optional[np.ndarray] = None,
+        num_classes: Optional[int] = None,
+        skip_bad_samples: bool = False,
     ):
         """
         Args:
@@ -145,6 +178,9 @@ class SegmentationMapperBase:
             size_divisibility: pad to a multiple of this (<= 0: no padding).
             label_map: (K,) int64, the training label of each dataset class id, -1 for a class that
                 is not a target (continual steps; see ``Scenario.label_map``). None: labels as is.
+            num_classes: K, the dataset's classes: class ids and label-map values must be below
+                it (or the ignore label). None: taken from ``label_map``, else not checked.
+            skip_bad_samples: skip a bad sample (warning, counted) instead of raising.
         """
         self.is_train = is_train
         self.augmentations = T.AugmentationList(augmentations)
@@ -152,20 +188,68 @@ class SegmentationMapperBase:
         self.ignore_label = ignore_label
         self.size_divisibility = size_divisibility
         self.label_map = None if label_map is None else np.asarray(label_map, dtype=np.int64)
+        if num_classes is None and self.label_map is not None:
+            num_classes = len(self.label_map)
+        if self.label_map is not None and num_classes != len(self.label_map):
+            raise ValueError(
+                f"label_map has {len(self.label_map)} entries but the dataset has {num_classes} "
+                "classes: the label map must give a training label to every class id"
+            )
+        self.num_classes = num_classes
+        self.skip_bad_samples = skip_bad_samples
+        # Shared memory, so that skips made in data-loader worker processes are counted here too.
+        self._num_skipped = multiprocessing.Value("q", 0)
         if self.label_map is not None:
             # Lookup table for label maps: removed classes and unknown values become ignore.
             lut = np.full(max(256, len(self.label_map) + 1), ignore_label, dtype=np.int64)
             lut[: len(self.label_map)] = np.where(self.label_map >= 0, self.label_map, ignore_label)
             self._semantic_lut = lut
 
+    @classmethod
+    def from_config(cls, cfg, is_train: bool = True):
+        meta = MetadataCatalog.get(cfg.DATASETS.TRAIN[0])
+        classes = meta.get("stuff_classes", None)
+        return {
+            "is_train": is_train,
+            "augmentations": build_augmentation(cfg, is_train),
+            "image_format": cfg.INPUT.FORMAT,
+            "ignore_label": meta.get("ignore_label", 255),
+            "size_divisibility": cfg.INPUT.SIZE_DIVISIBILITY,
+            "num_classes": None if classes is None else len(classes),
+            "skip_bad_samples": cfg.INPUT.SKIP_BAD_SAMPLES,
+        }
+
+    # ------------------------------------------------------------------ bad samples
+    def __call__(self, dataset_dict: dict) -> Optional[dict]:
+        try:
+            return self.map_record(copy.deepcopy(dataset_dict))
+        except BadSampleError as e:
+            if not self.skip_bad_samples:
+                raise
+            with self._num_skipped.get_lock():
+                self._num_skipped.value += 1
+                count = self._num_skipped.value
+            logger.warning(f"Skipped bad training sample (#{count}, INPUT.SKIP_BAD_SAMPLES): {e}")
+            return None
+
+    def map_record(self, dataset_dict: dict) -> dict:
+        """Map one record (a copy the mapper may change); raise BadSampleError for a bad one."""
+        raise NotImplementedError
+
+    @property
+    def num_skipped(self) -> int:
+        """Bad samples skipped so far, by this mapper and its copies in data-loader workers."""
+        return int(self._num_skipped.value)
+
+    # ------------------------------------------------------------------ labels
     def map_class(self, category_id: int) -> int:
         """Training label of a dataset class id; -1 when the class is not a target."""
+        if self.num_classes is not None and not 0 <= category_id < self.num_classes:
+            raise BadSampleError(
+                f"class id {category_id} is outside the dataset's classes 0..{self.num_classes - 1}"
+            )
         if self.label_map is None:
             return category_id
-        if not 0 <= category_id < len(self.label_map):
-            raise ValueError(
-                f"class id {category_id} is outside the dataset's classes 0..{len(self.label_map) - 1}"
-            )
         return int(self.label_map[category_id])
 
     def map_semantic(self, sem_seg: np.ndarray) -> np.ndarray:
@@ -174,32 +258,68 @@ class SegmentationMapperBase:
             return sem_seg
         return self._semantic_lut[sem_seg.astype(np.int64)]
 
-    @classmethod
-    def from_config(cls, cfg, is_train: bool = True):
-        meta = MetadataCatalog.get(cfg.DATASETS.TRAIN[0])
-        return {
-            "is_train": is_train,
-            "augmentations": build_augmentation(cfg, is_train),
-            "image_format": cfg.INPUT.FORMAT,
-            "ignore_label": meta.get("ignore_label", 255),
-            "size_divisibility": cfg.INPUT.SIZE_DIVISIBILITY,
-        }
+    def check_semantic_labels(self, sem_seg: np.ndarray, label_file: str) -> None:
+        """
+        Raise BadSampleError unless ``sem_seg`` is a single-channel (H, W) map of class ids below
+        ``num_classes`` or the ignore label: any other value would become a wrong target in silence.
+        """
+        if sem_seg.ndim != 2:
+            raise BadSampleError(
+                f"semantic label map {label_file} has shape {sem_seg.shape}; it must be a "
+                "single-channel image of class ids"
+            )
+        if self.num_classes is None or int(sem_seg.max(initial=0)) < self.num_classes:
+            return
+        bad = np.unique(sem_seg[(sem_seg >= self.num_classes) & (sem_seg != self.ignore_label)])
+        if bad.size:
+            raise BadSampleError(
+                f"semantic label map {label_file} holds values {bad[:10].tolist()} that are neither "
+                f"class ids 0..{self.num_classes - 1} nor the ignore label {self.ignore_label}"
+            )
+
+    # ------------------------------------------------------------------ reading
+    @staticmethod
+    def read_file(path: str, image_format, what: str) -> np.ndarray:
+        """``detectron2.data.detection_utils.read_image`` with errors that name ``what`` and ``path``."""
+        try:
+            return utils.read_image(path, format=image_format)
+        except FileNotFoundError as e:
+            raise BadSampleError(f"{what} {path} does not exist (anymore)") from e
+        # PIL reports undecodable or truncated files as OSError (UnidentifiedImageError is one),
+        # and some broken PNG chunks as SyntaxError.
+        except (OSError, SyntaxError, ValueError) as e:
+            raise BadSampleError(
+                f"cannot decode {what} {path} (corrupt or truncated file?): {type(e).__name__}: {e}"
+            ) from e
 
     def read_image_and_label(self, dataset_dict: dict, label_key: str, label_format=None):
-        """Read ``file_name`` and the label file under ``label_key`` (None if absent), checking sizes."""
-        image = utils.read_image(dataset_dict["file_name"], format=self.image_format)
-        utils.check_image_size(dataset_dict, image)
+        """
+        Read ``file_name`` and the semantic label file under ``label_key`` (None if absent), and
+        check them: readable, image size as the record says, label map of the image's size and of
+        valid values.
+        """
+        image = self.read_file(dataset_dict["file_name"], self.image_format, "image")
+        try:
+            utils.check_image_size(dataset_dict, image)
+        except utils.SizeMismatchError as e:
+            raise BadSampleError(f"{e} (the size recorded in the annotation json)") from e
         label_file = dataset_dict.pop(label_key, None)
         if label_file is None:
             return image, None
-        label = utils.read_image(label_file, label_format)
-        if label.shape[:2] != image.shape[:2]:
-            raise ValueError(
-                f"annotation {label_file} is {label.shape[1]}x{label.shape[0]} but image "
-                f"{dataset_dict['file_name']} is {image.shape[1]}x{image.shape[0]}"
-            )
+        label = self.read_file(label_file, label_format, "semantic label map")
+        self.check_same_size(label, label_file, image, dataset_dict["file_name"])
+        self.check_semantic_labels(label, label_file)
         return image, label
 
+    @staticmethod
+    def check_same_size(label: np.ndarray, label_file: str, image: np.ndarray, image_file: str):
+        if label.shape[:2] != image.shape[:2]:
+            raise BadSampleError(
+                f"annotation {label_file} is {label.shape[1]}x{label.shape[0]} but image "
+                f"{image_file} is {image.shape[1]}x{image.shape[0]}"
+            )
+
+    # ------------------------------------------------------------------ augmentation
     def augment(self, image: np.ndarray, sem_seg: Optional[np.ndarray]):
         """Returns the augmented image, semantic map (or None) and the transforms applied."""
         aug_input = T.AugInput(image, sem_seg=sem_seg)

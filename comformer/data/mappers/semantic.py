@@ -1,5 +1,4 @@
 """Semantic training mapper: image + label map -> one binary mask per class present."""
-import copy
 
 import numpy as np
 
@@ -15,8 +14,7 @@ class SemanticDatasetMapper(SegmentationMapperBase):
     ``sem_seg`` (H, W) int64 and ``instances`` (one mask per class present, ignore label excluded).
     """
 
-    def __call__(self, dataset_dict: dict) -> dict:
-        dataset_dict = copy.deepcopy(dataset_dict)
+    def map_record(self, dataset_dict: dict) -> dict:
         image, sem_seg = self.read_image_and_label(dataset_dict, "sem_seg_file_name")
         if sem_seg is None:
             raise KeyError(
