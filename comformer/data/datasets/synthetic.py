@@ -1,7 +1,8 @@
 """The built-in synthetic panoptic dataset: deterministic, small, learnable on CPU, not trivial.
 
-Classes are designed so that colour alone tells nothing: every object and region draws its colours
-from one shared palette. *Things* are instances of a shape (circle, square, triangle, cross, ring,
+Classes are designed so that colour alone never decides: every object and region draws its colours
+from one shared palette, each palette colour being the usual colour of 2-3 classes, and 30% of
+objects wear any colour. *Things* are instances of a shape (circle, square, triangle, cross, ring,
 crescent) filled with a texture (solid, stripes, dots); the class is the (shape, texture) pair.
 *Stuff* classes are large regions told apart only by their texture (stripes of three orientations,
 checkerboard, grid of dots, waves, blotchy noise, smooth gradient). Images add per-image brightness
@@ -51,7 +52,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 # Version of the drawing code: bump it when rendering changes so cached copies are regenerated.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 4
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "crescent")
 THING_TEXTURES = ("solid", "stripes", "dots")
@@ -95,16 +96,18 @@ class SyntheticSpec:
     min_regions: int = 2
     max_regions: int = 4
     min_things: int = 2
-    max_things: int = 6
+    max_things: int = 5
     # Object radius as a fraction of the image size (scale changes).
-    min_scale: float = 0.08
-    max_scale: float = 0.24
+    min_scale: float = 0.12
+    max_scale: float = 0.28
     # A thing segment left with fewer visible pixels than this becomes void.
     min_segment_area: int = 12
     # Standard deviation of additive pixel noise (0-255 scale).
-    noise_std: float = 12.0
+    noise_std: float = 8.0
     # Small specks of random colour that belong to whatever region they fall on.
-    max_clutter: int = 8
+    max_clutter: int = 5
+    # Probability that an object wears its class's palette colour (shared by 2-3 classes).
+    colour_bias: float = 0.7
     seed: int = 0
 
     def __post_init__(self):
@@ -120,6 +123,7 @@ class SyntheticSpec:
             (1 <= self.min_regions <= self.max_regions, "1 <= min_regions <= max_regions"),
             (0 <= self.min_things <= self.max_things, "0 <= min_things <= max_things"),
             (0 < self.min_scale <= self.max_scale < 0.5, "0 < min_scale <= max_scale < 0.5"),
+            (0.0 <= self.colour_bias <= 1.0, "0 <= colour_bias <= 1"),
         ]
         for ok, rule in checks:
             if not ok:
@@ -189,21 +193,30 @@ def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray, r: float) -> np.ndarra
     raise ValueError(f"unknown shape {shape!r}; valid: {SHAPES}")
 
 
-def _two_colours(rng: np.random.RandomState) -> Tuple[np.ndarray, np.ndarray]:
-    a, b = rng.choice(len(PALETTE), size=2, replace=False)
+def _two_colours(
+    rng: np.random.RandomState, class_index: int, colour_bias: float
+) -> Tuple[np.ndarray, np.ndarray]:
+    """The main and second colour of an object. With probability ``colour_bias`` the main colour
+    is the class's own palette entry (index mod the palette size, so 2-3 classes share each
+    colour), otherwise any palette entry: colour narrows the candidates, never decides."""
+    if rng.rand() < colour_bias:
+        a = class_index % len(PALETTE)
+    else:
+        a = rng.randint(len(PALETTE))
+    b = (a + 1 + rng.randint(len(PALETTE) - 1)) % len(PALETTE)
     return PALETTE[a], PALETTE[b]
 
 
-def _thing_texture(texture, u, v, r, rng) -> np.ndarray:
+def _thing_texture(texture, u, v, r, rng, colours) -> np.ndarray:
     """(H, W, 3) colours of a thing's texture in its own coordinates."""
-    c1, c2 = _two_colours(rng)
+    c1, c2 = colours
     if texture == "solid":
         sel = np.zeros(u.shape, dtype=bool)
     elif texture == "stripes":
-        period = max(3.0, r * rng.uniform(0.35, 0.55))
+        period = max(5.0, r * rng.uniform(0.4, 0.6))
         sel = np.floor(u / period * 2).astype(np.int64) % 2 == 0
     elif texture == "dots":
-        period = max(4.0, r * rng.uniform(0.4, 0.6))
+        period = max(6.0, r * rng.uniform(0.45, 0.65))
         du = (u / period) - np.round(u / period)
         dv = (v / period) - np.round(v / period)
         sel = du * du + dv * dv <= 0.09
@@ -212,9 +225,9 @@ def _thing_texture(texture, u, v, r, rng) -> np.ndarray:
     return np.where(sel[..., None], c2, c1)
 
 
-def _stuff_texture(texture, ys, xs, size, rng) -> np.ndarray:
+def _stuff_texture(texture, ys, xs, size, rng, colours) -> np.ndarray:
     """(H, W, 3) colours of a stuff texture over the whole image."""
-    c1, c2 = _two_colours(rng)
+    c1, c2 = colours
     period = rng.uniform(0.07, 0.12) * size
     phase = rng.uniform(0, period)
     if texture == "hstripes":
@@ -297,7 +310,8 @@ def render_image(
         if not sel.any():
             continue
         texture = names[int(cat)]
-        image[sel] = _stuff_texture(texture, ys, xs, size, rng)[sel]
+        colours = _two_colours(rng, int(cat) - 1, spec.colour_bias)
+        image[sel] = _stuff_texture(texture, ys, xs, size, rng, colours)[sel]
         seg[sel] = next_id
         seg_category[next_id] = int(cat)
         next_id += 1
@@ -333,7 +347,8 @@ def render_image(
         sel = _shape_mask(shape, u, v, r)
         if not sel.any():
             continue
-        image[sel] = _thing_texture(texture, u, v, r, rng)[sel]
+        colours = _two_colours(rng, cat - 1, spec.colour_bias)
+        image[sel] = _thing_texture(texture, u, v, r, rng, colours)[sel]
         seg[sel] = next_id
         seg_category[next_id] = cat
         next_id += 1
