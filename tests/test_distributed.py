@@ -3,12 +3,13 @@ Multi-process training on CPU: detectron2's ``launch`` with 2 processes (gloo) a
 with the same global batch, and the number of target masks summed over processes.
 
 The two runs cannot agree bit for bit: the matcher and the mask losses sample random points, from
-each process's own generator. Tolerances (measured: 0.3% and 8%):
+each process's own generator. The test uses as many points as pixels and a no-object weight of 1
+(the class loss is a weighted mean over each process's queries, as in Mask2Former, which equals
+the batch mean only when all queries weigh the same). Tolerances (measured: 0.03% and 5%):
 
-- loss of the first iteration: relative difference <= 3%;
+- loss of the first iteration: relative difference <= 1%;
 - weight change of one SGD step (from the same initial weights, no clipping, no momentum):
-  ``|dW_2 - dW_1| / |dW_1| <= 0.2``. A run that loses the other process's gradient (one image of
-  the two) is 0.34 away.
+  ``|dW_2 - dW_1| / |dW_1| <= 0.12``. With 256 points and the no-object weight 0.1 it is 0.29.
 """
 
 import json
@@ -80,6 +81,11 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
         "SOLVER.OPTIMIZER", "SGD", "SOLVER.MOMENTUM", 0.0, "SOLVER.BASE_LR", 0.01,
         "SOLVER.CLIP_GRADIENTS.ENABLED", False, "SOLVER.WEIGHT_DECAY", 0.0,
         "SOLVER.WEIGHT_DECAY_NORM", 0.0,
+        # The class loss is a weighted mean over the queries of a process (as in Mask2Former);
+        # with the no-object weight 1 every query weighs the same, so the mean of the processes'
+        # means is the mean over the batch. As many points as pixels: the per-process point
+        # sampling is then the only difference left.
+        "MODEL.MASK_FORMER.NO_OBJECT_WEIGHT", 1.0, "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", 64 * 64,
     ]  # fmt: skip
     runs = {}
     for n in (1, 2):  # side by side: 1 + 2 processes on 2 cores
@@ -99,12 +105,12 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
         for n in (1, 2)
     ]
     assert losses[0]["iteration"] == losses[1]["iteration"] == 0
-    assert abs(losses[1]["total_loss"] / losses[0]["total_loss"] - 1) <= 0.03, losses
+    assert abs(losses[1]["total_loss"] / losses[0]["total_loss"] - 1) <= 0.01, losses
 
     init = {k: v for k, v in init.items() if v.is_floating_point()}
     d1, d2 = _delta(tmp_path / "procs1", init), _delta(tmp_path / "procs2", init)
     assert d1.norm() > 0
-    assert (d2 - d1).norm() / d1.norm() <= 0.2
+    assert (d2 - d1).norm() / d1.norm() <= 0.12
 
     # the 2 processes evaluated the validation set together
     rows = json.loads((tmp_path / "procs2/results.json").read_text())

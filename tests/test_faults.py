@@ -167,14 +167,19 @@ def test_clean_dataset_maps_and_empty_annotation_is_a_valid_sample(clean, tmp_pa
     Image.fromarray(np.full((64, 64), 255, np.uint8)).save(root / "semantic_train/000003.png")
     _edit_json(root, lambda c: c["annotations"][3].update(segments_info=[]))
     mapper = _mapper()
-    outs = [mapper(r) for r in _records(root)]
+    records = _records(root)
+    outs = [mapper(r) for r in records]
     assert all(o is not None for o in outs)
     assert len(outs[3]["instances"]) == 0 and outs[3]["instances"].gt_masks.tensor.shape == (
         0,
         64,
         64,
     )
-    assert len(outs[0]["instances"]) == 5  # image 0 has 5 segments, none crowd
+    # no augmentation: every non-crowd segment of the JSON becomes one target mask
+    segments = [s for s in records[0]["segments_info"] if not s["iscrowd"]]
+    assert len(segments) >= 3
+    assert len(outs[0]["instances"]) == len(segments)
+    assert outs[0]["instances"].gt_classes.tolist() == [s["category_id"] for s in segments]
 
 
 # ----------------------------------------------------------------------------- read time

@@ -312,6 +312,19 @@ def test_criterion_eos_weighting_by_hand():
     assert criterion(outputs, targets)["loss_ce"].item() == pytest.approx((LN2 + LN3) / 2, 1e-6)
 
 
+def test_criterion_keeps_configured_eos_weight_when_loading_a_checkpoint():
+    # A checkpoint trained with eos 0.1 carries empty_weight [1, 1, 0.1]; a run configured with
+    # eos 1.0 that loads it must keep weighting no-object by 1.0 (the config decides).
+    trained = _criterion(FixedMatcher([]), eos_coef=0.1)
+    criterion = _criterion(FixedMatcher([]), eos_coef=1.0)
+    result = criterion.load_state_dict(trained.state_dict(), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    torch.testing.assert_close(criterion.empty_weight, torch.tensor([1.0, 1.0, 1.0]))
+    # a checkpoint with another number of classes is still refused
+    with pytest.raises(RuntimeError, match="empty_weight"):
+        criterion.load_state_dict(_criterion(FixedMatcher([]), num_classes=3).state_dict())
+
+
 def test_criterion_normalises_by_target_count_not_matched_count():
     # Mask logits 0 and empty targets: p = .5 everywhere, even where points fall near the border
     # (sampling blends with zero padding, which leaves both 0-maps unchanged), so every matched

@@ -169,6 +169,15 @@ class SetCriterion(nn.Module):
         # Persistent: Mask2Former checkpoints carry it as ``criterion.empty_weight``.
         self.register_buffer("empty_weight", empty_weight)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The no-object weight is a hyper-parameter of this run, not a learned value: a checkpoint
+        # trained with another MODEL.MASK_FORMER.NO_OBJECT_WEIGHT must not override the config.
+        # The entry is still consumed (and its shape checked) so Mask2Former checkpoints load.
+        key = prefix + "empty_weight"
+        if key in state_dict and state_dict[key].shape == self.empty_weight.shape:
+            state_dict = {**state_dict, key: self.empty_weight.detach().clone()}
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     @classmethod
     def from_config(cls, cfg):
         mf = cfg.MODEL.MASK_FORMER
