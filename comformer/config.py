@@ -192,6 +192,12 @@ def add_comformer_config(cfg: CN) -> None:
     # "entropy" pseudo-labels: lowest per-class threshold on the normalised entropy.
     cfg.CONT.PLOP.ENTROPY_THRESHOLD = 0.001
 
+    # ---------------------------------------------------------------- data loading
+    # Training batches each loader worker keeps ready (with DATALOADER.NUM_WORKERS > 0). torch's
+    # default of 2 *samples* per worker is less than one batch when batches are grouped by aspect
+    # ratio (samples are then loaded one by one), which left the step waiting for data.
+    cfg.DATALOADER.PREFETCH_BATCHES = 2
+
     # ---------------------------------------------------------------- reliability
     # A training sample whose files cannot be decoded or whose annotation contradicts them (sizes,
     # PNG segment ids vs segments_info, class ids) is skipped with a warning and counted (log,

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from detectron2.data.build import build_batch_data_loader
@@ -137,6 +138,34 @@ def test_training_stream_is_a_function_of_the_iteration():
     stream = TrainingStream(records, _draws, batch_size=2, seed=5)
     loader = build_batch_data_loader(stream, None, 2, num_workers=2, seed=5)
     assert [x for batch in itertools.islice(iter(loader), 8) for x in batch] == full
+
+
+def test_train_loader_prefetches_whole_batches_per_worker():
+    from detectron2.config import get_cfg
+
+    from comformer.config import add_comformer_config
+    from comformer.engine.trainer import build_train_loader
+
+    cfg = get_cfg()
+    add_comformer_config(cfg)
+    cfg.SOLVER.IMS_PER_BATCH, cfg.DATALOADER.NUM_WORKERS, cfg.SEED = 4, 1, 0
+    records = [{"i": i, "width": 8, "height": 8} for i in range(5)]
+
+    def prefetch(**changes):
+        c = cfg.clone()
+        c.merge_from_list([x for kv in changes.items() for x in kv])
+        loader = build_train_loader(c, records, _draws)
+        while not isinstance(loader, torch.utils.data.DataLoader):
+            loader = loader.dataset  # under detectron2's aspect-ratio grouping wrapper
+        return loader.prefetch_factor
+
+    # grouping: the loader yields samples, so 2 batches of 4 are 8 samples
+    assert prefetch(**{"DATALOADER.ASPECT_RATIO_GROUPING": True}) == 8
+    assert prefetch(**{"DATALOADER.ASPECT_RATIO_GROUPING": False}) == 2  # yields batches
+    assert prefetch(**{"DATALOADER.PREFETCH_BATCHES": 3, "DETERMINISTIC": True}) == 3
+    assert prefetch(**{"DATALOADER.NUM_WORKERS": 0}) is None  # no workers, nothing prefetched
+    with pytest.raises(ValueError, match="PREFETCH_BATCHES=0"):
+        prefetch(**{"DATALOADER.PREFETCH_BATCHES": 0})
 
 
 # ------------------------------------------------------------------------- atomic files

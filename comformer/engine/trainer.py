@@ -278,6 +278,11 @@ def build_train_loader(cfg, records: Sequence[dict], mapper):
             f"DATALOADER.SAMPLER_TRAIN={cfg.DATALOADER.SAMPLER_TRAIN!r}: comformer's resumable "
             "training stream shuffles uniformly; only 'TrainingSampler' is supported"
         )
+    if cfg.DATALOADER.PREFETCH_BATCHES < 1:
+        raise ValueError(
+            f"DATALOADER.PREFETCH_BATCHES={cfg.DATALOADER.PREFETCH_BATCHES} is not valid; "
+            "must be >= 1 (batches each loader worker keeps ready)"
+        )
     seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed() % 2**31
     stream = TrainingStream(
         records,
@@ -287,14 +292,21 @@ def build_train_loader(cfg, records: Sequence[dict], mapper):
         rank=comm.get_rank(),
         world_size=world_size,
     )
+    # Grouping batches by aspect ratio makes them depend on where the stream was started.
+    grouping = cfg.DATALOADER.ASPECT_RATIO_GROUPING and not cfg.DETERMINISTIC
+    loader_kwargs = {}
+    if cfg.DATALOADER.NUM_WORKERS > 0:
+        # the DataLoader yields single samples when grouping, whole batches otherwise
+        per_item = total // world_size if grouping else 1
+        loader_kwargs["prefetch_factor"] = cfg.DATALOADER.PREFETCH_BATCHES * per_item
     return build_batch_data_loader(
         stream,
         None,
         total,
-        # Grouping batches by aspect ratio makes them depend on where the stream was started.
-        aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING and not cfg.DETERMINISTIC,
+        aspect_ratio_grouping=grouping,
         num_workers=cfg.DATALOADER.NUM_WORKERS,
         seed=seed,  # the workers' base seed, drawn from the loader's own generator
+        **loader_kwargs,
     )
 
 
