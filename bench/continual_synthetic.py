@@ -10,7 +10,8 @@ are the ones a user gets from the configs. Prints old / new / all PQ and mIoU af
     .venv/bin/python bench/continual_synthetic.py --methods ft comformer --base-iters 300   # quicker
     .venv/bin/python bench/continual_synthetic.py --jobs 2   # seeds in parallel, 1 thread each
 
-The JSON is rewritten after every run, so an interrupted benchmark keeps what it measured.
+The JSON is rewritten after every run, so an interrupted benchmark keeps what it measured; run the
+same command again to go on (finished steps are skipped, a killed step resumes from its checkpoint).
 
 By default the shared base model uses softmax masks across queries (CoMFormer's architecture) and
 every method runs with them, so the methods differ only in their incremental-step losses. With
@@ -41,6 +42,7 @@ def _train(task, method, seed, out, activation, base_weights, args, env) -> floa
         str(REPO / "tools/train_net.py"),
         "--config-file",
         str(REPO / CONFIG.format(task=task)),
+        "--resume",  # a rerun skips finished steps and continues a killed one
         "CONT.METHOD", method,
         "SEED", str(seed),
         "MODEL.DEVICE", args.device,
