@@ -168,6 +168,28 @@ def test_train_loader_prefetches_whole_batches_per_worker():
         prefetch(**{"DATALOADER.PREFETCH_BATCHES": 0})
 
 
+def test_train_loader_sets_the_sharing_strategy_and_rejects_unknown_ones():
+    from detectron2.config import get_cfg
+
+    from comformer.config import add_comformer_config
+    from comformer.engine.trainer import build_train_loader
+
+    cfg = get_cfg()
+    add_comformer_config(cfg)
+    cfg.SOLVER.IMS_PER_BATCH, cfg.DATALOADER.NUM_WORKERS, cfg.SEED = 2, 1, 0
+    records = [{"i": i, "width": 8, "height": 8} for i in range(3)]
+    before = torch.multiprocessing.get_sharing_strategy()
+    try:
+        cfg.DATALOADER.SHARING_STRATEGY = "file_system"
+        build_train_loader(cfg, records, _draws)
+        assert torch.multiprocessing.get_sharing_strategy() == "file_system"
+        cfg.DATALOADER.SHARING_STRATEGY = "carrier_pigeon"
+        with pytest.raises(ValueError, match="carrier_pigeon.*valid"):
+            build_train_loader(cfg, records, _draws)
+    finally:
+        torch.multiprocessing.set_sharing_strategy(before)
+
+
 # ------------------------------------------------------------------------- atomic files
 def test_atomic_write_leaves_the_old_file_when_killed_mid_write(tmp_path):
     target, started = tmp_path / "results.json", tmp_path / "started"

@@ -283,6 +283,16 @@ def build_train_loader(cfg, records: Sequence[dict], mapper):
             f"DATALOADER.PREFETCH_BATCHES={cfg.DATALOADER.PREFETCH_BATCHES} is not valid; "
             "must be >= 1 (batches each loader worker keeps ready)"
         )
+    strategy = cfg.DATALOADER.SHARING_STRATEGY
+    if strategy:
+        valid = sorted(torch.multiprocessing.get_all_sharing_strategies())
+        if strategy not in valid:
+            raise ValueError(
+                f"DATALOADER.SHARING_STRATEGY={strategy!r} is not valid here; valid: {valid} or "
+                "'' (torch's default)"
+            )
+        if cfg.DATALOADER.NUM_WORKERS > 0:
+            torch.multiprocessing.set_sharing_strategy(strategy)
     seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed() % 2**31
     stream = TrainingStream(
         records,
