@@ -25,7 +25,7 @@ from detectron2.structures import ImageList
 
 from .base import METHOD_REGISTRY, ContinualMethod
 from .losses import ContinualSetCriterion, distillation_loss, teacher_predict
-from .pseudo_labels import add_pseudo_labels, covered_by_targets, mask_pseudo_labels
+from .pseudo_labels import with_teacher_pseudo_labels
 
 __all__ = ["CoMFormer", "KD_WEIGHT_BY_TASK", "DEFAULT_KD_WEIGHT", "comformer_kd_weight"]
 
@@ -107,15 +107,14 @@ class CoMFormer(ContinualMethod):
             return model.weighted_losses(model.criterion(outputs, targets))
         _, t_outputs = teacher_predict(model, images, self.step)
         if self.pseudo_labels:
-            covered = covered_by_targets(targets, images.tensor.shape[-2:])
-            pseudo = mask_pseudo_labels(
-                t_outputs["pred_logits"],
-                t_outputs["pred_masks"],
-                covered,
+            targets = with_teacher_pseudo_labels(
+                targets,
+                t_outputs,
+                images.tensor.shape[-2:],
+                kind="mask",
                 mask_activation=model.teacher.mask_activation,
-                score_threshold=self.pseudo_threshold,
+                threshold=self.pseudo_threshold,
             )
-            targets = add_pseudo_labels(targets, pseudo)
         losses = model.weighted_losses(model.criterion(outputs, targets))
         if self.kd_weight > 0:
             losses["loss_kd"] = self.kd_weight * self._kd(outputs, t_outputs)

@@ -19,12 +19,7 @@ from detectron2.structures import ImageList
 
 from .base import METHOD_REGISTRY, ContinualMethod
 from .losses import teacher_predict
-from .pseudo_labels import (
-    add_pseudo_labels,
-    covered_by_targets,
-    entropy_pseudo_labels,
-    mask_pseudo_labels,
-)
+from .pseudo_labels import with_teacher_pseudo_labels
 
 __all__ = ["PLOP", "local_pod_embedding", "pod_loss", "PSEUDO_LABEL_KINDS", "MASK_FEATURES"]
 
@@ -144,18 +139,18 @@ class PLOP(ContinualMethod):
             return model.weighted_losses(model.criterion(outputs, targets))
         t_features, t_outputs = teacher_predict(model, images, self.step)
         if self.pseudo_labels != "none":
-            covered = covered_by_targets(targets, images.tensor.shape[-2:])
-            args = (t_outputs["pred_logits"], t_outputs["pred_masks"], covered)
-            activation = model.teacher.mask_activation
-            if self.pseudo_labels == "mask":
-                pseudo = mask_pseudo_labels(
-                    *args, mask_activation=activation, score_threshold=self.pseudo_threshold
-                )
-            else:
-                pseudo = entropy_pseudo_labels(
-                    *args, mask_activation=activation, base_threshold=self.entropy_threshold
-                )
-            targets = add_pseudo_labels(targets, pseudo)
+            targets = with_teacher_pseudo_labels(
+                targets,
+                t_outputs,
+                images.tensor.shape[-2:],
+                kind=self.pseudo_labels,
+                mask_activation=model.teacher.mask_activation,
+                threshold=(
+                    self.pseudo_threshold
+                    if self.pseudo_labels == "mask"
+                    else self.entropy_threshold
+                ),
+            )
         losses = model.weighted_losses(model.criterion(outputs, targets))
         if self.pod_weight > 0:
             student = self._pod_inputs(features, outputs, "student")

@@ -24,6 +24,7 @@ __all__ = [
     "mask_pseudo_labels",
     "entropy_pseudo_labels",
     "add_pseudo_labels",
+    "with_teacher_pseudo_labels",
 ]
 
 PseudoLabels = List[Tuple[Tensor, Tensor]]
@@ -247,3 +248,42 @@ def add_pseudo_labels(
         merged["masks"] = torch.cat([t["masks"], masks.to(t["masks"])])
         out.append(merged)
     return out
+
+
+def with_teacher_pseudo_labels(
+    targets: List[Dict[str, Tensor]],
+    t_outputs: Dict,
+    image_size: Tuple[int, int],
+    *,
+    kind: str,
+    mask_activation: str,
+    threshold: float,
+) -> List[Dict[str, Tensor]]:
+    """
+    Ground truth plus the teacher's pseudo segments on the pixels no target covers.
+
+    Args:
+        targets: B dicts {"labels", "masks"} of the step's ground truth.
+        t_outputs: the teacher's predictions ("pred_logits", "pred_masks").
+        image_size: (H, W) of the padded batch.
+        kind: "mask" (:func:`mask_pseudo_labels`, ``threshold`` is the score threshold) or
+            "entropy" (:func:`entropy_pseudo_labels`, ``threshold`` is the base threshold).
+        mask_activation: the teacher's mask activation.
+        threshold: see ``kind``.
+
+    Returns:
+        the targets with the pseudo segments appended (:func:`add_pseudo_labels`).
+    """
+    covered = covered_by_targets(targets, image_size)
+    args = (t_outputs["pred_logits"], t_outputs["pred_masks"], covered)
+    if kind == "mask":
+        pseudo = mask_pseudo_labels(
+            *args, mask_activation=mask_activation, score_threshold=threshold
+        )
+    elif kind == "entropy":
+        pseudo = entropy_pseudo_labels(
+            *args, mask_activation=mask_activation, base_threshold=threshold
+        )
+    else:
+        raise ValueError(f"pseudo-label kind {kind!r}; valid: mask, entropy")
+    return add_pseudo_labels(targets, pseudo)
