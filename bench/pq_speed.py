@@ -15,7 +15,7 @@ Timed, best of ``--repeats``:
                          (it decodes the PNGs of both sides; it does not count writing them)
   ours, per image        match_segments per image on in-memory id maps + PQStats.merge
   ours, batched          PQAccumulator on in-memory id maps (ground truth already compact)
-  evaluator, cold        end to end from model outputs: a new ContinualEvaluator, process() of
+  evaluator, cold        end to end from model outputs: a new SplitEvaluator, process() of
                          every (int32 tensor, segments_info) output, evaluate(); decodes every
                          ground-truth PNG
   evaluator, warm        the same evaluator evaluating again after reset(): the ground truth is in
@@ -50,7 +50,7 @@ from comformer.data.datasets.synthetic import (  # noqa: E402
     render_image,
     synthetic_categories,
 )
-from comformer.evaluation.continual import ContinualEvaluator  # noqa: E402
+from comformer.evaluation.split_evaluator import SplitEvaluator  # noqa: E402
 from comformer.evaluation.panoptic_quality import (  # noqa: E402
     PanopticGroundTruth,
     PQAccumulator,
@@ -173,7 +173,7 @@ def run_batched(gts, cases, num_classes: int, thing_ids) -> dict:
 
 
 def register_dataset(root: Path, cases, categories) -> str:
-    """The ground truth on disk as a registered dataset, for ContinualEvaluator."""
+    """The ground truth on disk as a registered dataset, for SplitEvaluator."""
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
     name = f"pq_speed_{root.name}"
@@ -207,7 +207,7 @@ def model_outputs(cases, dataset_name: str):
     ]
 
 
-def run_evaluator(evaluator: ContinualEvaluator, batches) -> dict:
+def run_evaluator(evaluator: SplitEvaluator, batches) -> dict:
     evaluator.reset()
     for inputs, outputs in batches:
         evaluator.process(inputs, outputs)
@@ -260,7 +260,7 @@ def main() -> int:
         logging.getLogger("comformer").setLevel(logging.WARNING)  # no table per evaluation
 
         def new_evaluator():
-            return ContinualEvaluator(
+            return SplitEvaluator(
                 dataset_name,
                 seen_classes=range(num_classes),
                 splits={},

@@ -173,8 +173,8 @@ def _time_sections(trainer, model):
     # The model's whole forward is "losses + distillation" minus the sections nested in it.
     model.register_forward_pre_hook(lambda *_: enter("losses + distillation"))
     model.register_forward_hook(lambda *_: leave("losses + distillation"))
-    model.backbone.register_forward_pre_hook(lambda *_: enter("student forward"))
-    model.sem_seg_head.register_forward_hook(lambda *_: leave("student forward"))
+    model.student.backbone.register_forward_pre_hook(lambda *_: enter("student forward"))
+    model.student.sem_seg_head.register_forward_hook(lambda *_: leave("student forward"))
 
     # run_step calls zero_grad right before backward and the hooks' after_backward right after.
     optimizer = trainer.optimizer
@@ -235,39 +235,35 @@ class MethodStep:
 
         import comformer  # noqa: F401  (registers datasets and model parts)
         from comformer.continual import (
-            FreezeOldClassesHook,
+            build_continual_model,
             build_method,
+            class_embed,
             grow_classifier_state_dict,
         )
         from comformer.data.scenario import build_scenario, register_step_dataset
-        from comformer.engine.continual import ContinualTrainer, step_config
-        from comformer.engine.trainer import build_optimizer
+        from comformer.engine import StepTrainer, build_optimizer, step_config
+        from comformer.engine.step_trainer import FreezeOldClassesHook
 
         self.method = method
         cfg, self.path = _config(args, method)
         self.cuda = cfg.MODEL.DEVICE.startswith("cuda")
         scenario = build_scenario(cfg)
         step = args.step
+        self.raw_cfg = cfg
         cfg = self.cfg = step_config(cfg, scenario, step)
         torch.manual_seed(cfg.SEED if cfg.SEED >= 0 else 0)
         cont = build_method(cfg, scenario, step)
 
-        # As ContinualTrainer.build_model / resume_or_load, with a random step-0 model instead of
-        # the previous step's checkpoint.
-        previous_cfg = cfg.clone()
-        previous_cfg.defrost()
-        previous_cfg.CONT.STEP = step - 1
-        previous = build_model(previous_cfg)
-        model = self.model = build_model(cfg)
-        cont.configure_model(model)
+        # As StepTrainer.build_model / resume_or_load, with a random step-0 model instead of the
+        # previous step's checkpoint.
+        previous = build_model(step_config(self.raw_cfg, scenario, step - 1)).state_dict()
+        model = self.model = build_continual_model(cfg, scenario, step, cont, previous)
+        student = model.student
         num_old = scenario.num_seen(step - 1)
-        model.load_state_dict(
-            grow_classifier_state_dict(previous.state_dict(), model.state_dict(), num_old)
-        )
-        cont.init_new_classes(model)
-        model.set_continual(cont, previous if cont.needs_teacher else None)
+        student.load_state_dict(grow_classifier_state_dict(previous, student.state_dict(), num_old))
+        cont.init_new_classes(class_embed(student))
         model.train()
-        optimizer = build_optimizer(cfg, model)
+        optimizer = build_optimizer(cfg, student)
 
         data = args.data
         if data == "auto":
@@ -279,9 +275,9 @@ class MethodStep:
                 data = "random"
         self.data = data
         if data == "real":
-            # The very loader of ContinualTrainer (it only reads method, scenario and step).
+            # The very loader of StepTrainer (it only reads method, scenario and step).
             owner = SimpleNamespace(method=cont, scenario=scenario, step=step)
-            loader = ContinualTrainer.build_train_loader(owner, cfg)
+            loader = StepTrainer.build_train_loader(owner, cfg)
             if args.prefetch_factor:
                 _set_prefetch_factor(loader, args.prefetch_factor)
         else:
@@ -292,7 +288,7 @@ class MethodStep:
         trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
         trainer = self.trainer = trainer_cls(model, _TimedLoader(loader), optimizer)
         if cfg.CONT.FREEZE_OLD_CLASSIFIER:
-            trainer.register_hooks([FreezeOldClassesHook(model, num_old)])
+            trainer.register_hooks([FreezeOldClassesHook(student, num_old)])
         _time_sections(trainer, model)
         trainer.storage = EventStorage(0)
         self.iter = 0

@@ -4,6 +4,7 @@ Importing the package registers its datasets, model parts and methods in detectr
 """
 from . import data  # noqa: F401  (registers datasets)
 from . import modeling  # noqa: F401  (registers meta-architecture, backbones, heads)
+from . import continual  # noqa: F401  (registers the continual methods)
 from .config import add_comformer_config
 
 __all__ = ["add_comformer_config"]

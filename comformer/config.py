@@ -19,7 +19,9 @@ def add_comformer_config(cfg: CN) -> None:
     cfg.INPUT.SIZE_DIVISIBILITY = -1
 
     # ---------------------------------------------------------------- solver
-    # AdamW / SGD weight decay applied to normalisation layers' parameters.
+    # Weight decay of embeddings: nn.Embedding weights (the decoder's query features and positions,
+    # level embeddings) and the parameters named relative_position_bias_table, absolute_pos_embed
+    # or level_embed. Norm layers have their own key, detectron2's SOLVER.WEIGHT_DECAY_NORM.
     cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0
     # Optimizer name: "ADAMW" or "SGD".
     cfg.SOLVER.OPTIMIZER = "ADAMW"

@@ -16,11 +16,17 @@ from detectron2.modeling import build_model
 from detectron2.projects.deeplab import add_deeplab_config
 
 from comformer import add_comformer_config
-from comformer.continual import grow_classifier_state_dict
+from comformer.continual import (
+    ContinualModel,
+    Teacher,
+    build_continual_model,
+    grow_classifier_state_dict,
+    to_dataset_classes,
+)
 from comformer.data.mappers import PanopticDatasetMapper
 from comformer.data.scenario import build_scenario
-from comformer.engine.continual import (
-    ContinualTrainer,
+from comformer.engine import (
+    StepTrainer,
     results_table,
     step_config,
     step_iterations,
@@ -38,6 +44,12 @@ def _cfg(*opts):
     cfg.merge_from_file(str(CFG_10_10))
     cfg.merge_from_list(list(opts))
     return cfg
+
+
+def _step_model(step, *opts):
+    """The plain Mask2Former of a step (the step config sizes its classifier)."""
+    cfg = _cfg(*opts)
+    return build_model(step_config(cfg, build_scenario(cfg), step))
 
 
 def _id2rgb(ids):
@@ -77,8 +89,8 @@ def test_panoptic_mapper_remaps_and_removes_classes(tmp_path):
 
 def test_classifier_growth_keeps_old_weights_bit_for_bit():
     torch.manual_seed(0)
-    old = build_model(_cfg("CONT.STEP", 0))
-    new = build_model(_cfg("CONT.STEP", 1))
+    old = _step_model(0)
+    new = _step_model(1)
     assert old.num_classes == 10 and new.num_classes == 20
     grown = grow_classifier_state_dict(old.state_dict(), new.state_dict(), num_old=10)
     new.load_state_dict(grown)
@@ -96,11 +108,12 @@ def test_classifier_growth_keeps_old_weights_bit_for_bit():
 
 
 def test_inference_outputs_dataset_class_ids_in_any_order():
-    cfg = _cfg("CONT.STEP", 0, "CONT.ORDER", list(range(19, -1, -1)))
-    model = build_model(cfg)
-    assert model.class_order == list(range(19, 10 - 1, -1))
+    cfg = _cfg("CONT.ORDER", list(range(19, -1, -1)))
+    scenario = build_scenario(cfg)
+    model = build_continual_model(step_config(cfg, scenario, 0), scenario, 0)
+    assert model.class_ids == list(range(19, 10 - 1, -1)) and model.num_dataset_classes == 20
     logits = torch.arange(11.0).view(1, 1, 11)  # model indices 0..9, then no-object
-    out = model.to_dataset_classes(logits)[0, 0]
+    out = to_dataset_classes(logits, model.class_ids, model.num_dataset_classes)[0, 0]
     assert out.shape == (21,)
     assert torch.isinf(out[:10]).all()  # classes 0..9 are not known at step 0
     assert out[19] == 0 and out[10] == 9 and out[20] == 10
@@ -111,12 +124,12 @@ def test_missing_or_mismatched_teacher_is_an_error_before_training(tmp_path):
     scenario = build_scenario(cfg)
     cfg1 = step_config(cfg, scenario, 1)
     with pytest.raises(FileNotFoundError, match="run step 0 first"):
-        ContinualTrainer(cfg1, scenario, 1, previous_weights=str(tmp_path / "none.pth"))
-    wrong = build_model(_cfg("CONT.STEP", 1))  # 20 classes where step 0 has 10
+        StepTrainer(cfg1, scenario, 1, previous_weights=str(tmp_path / "none.pth"))
+    wrong = build_model(cfg1)  # 20 classes where step 0 has 10
     path = tmp_path / "wrong.pth"
     torch.save({"model": wrong.state_dict()}, path)
     with pytest.raises(ValueError, match="predicts 20 classes.*has 10"):
-        ContinualTrainer(cfg1, scenario, 1, previous_weights=str(path))
+        StepTrainer(cfg1, scenario, 1, previous_weights=str(path))
 
 
 def test_step_settings_and_splits():
@@ -125,6 +138,8 @@ def test_step_settings_and_splits():
     assert step_iterations(cfg, scenario, 0) == cfg.SOLVER.MAX_ITER
     assert step_iterations(cfg, scenario, 1) == 50 * 10
     c1 = step_config(cfg, scenario, 1)
+    assert c1.MODEL.SEM_SEG_HEAD.NUM_CLASSES == 20
+    assert step_config(cfg, scenario, 0).MODEL.SEM_SEG_HEAD.NUM_CLASSES == 10
     assert c1.SOLVER.BASE_LR == pytest.approx(1.5e-4) and c1.OUTPUT_DIR.endswith("step1")
     splits = step_splits(scenario, 1)
     assert splits["old"] == list(range(10)) and splits["new"] == list(range(10, 20))
@@ -189,12 +204,30 @@ def test_runner_trains_a_scenario_skips_finished_steps_and_guards_its_folder(tmp
 
 
 def test_teacher_stays_out_of_the_students_state_and_parameters():
-    student = build_model(_cfg("CONT.STEP", 1))
-    teacher = build_model(_cfg("CONT.STEP", 0))
-    names = set(student.state_dict())
-    student.set_continual(None, teacher)
-    assert set(student.state_dict()) == names
-    assert not any(p is q for p in student.parameters() for q in teacher.parameters())
-    student.train()
-    assert student.teacher is teacher and not teacher.training
+    cfg = _cfg("CONT.METHOD", "mib")
+    scenario = build_scenario(cfg)
+    previous = _step_model(0).state_dict()
+    from comformer.continual import build_method
+
+    cfg1 = step_config(cfg, scenario, 1)
+    model = build_continual_model(
+        cfg1, scenario, 1, build_method(cfg1, scenario, 1), previous_state=previous
+    )
+    assert isinstance(model, ContinualModel) and isinstance(model.teacher, Teacher)
+    teacher = model.teacher.model
+    # the state dict and parameters are the student's alone, named as Mask2Former's
+    assert set(model.student.state_dict()) == set(previous)
+    assert {f"student.{k}" for k in previous} == set(model.state_dict())
+    assert not any(p is q for p in model.parameters() for q in teacher.parameters())
+    model.train()
+    assert model.student.training and not teacher.training
     assert not any(p.requires_grad for p in teacher.parameters())
+    for name, p in teacher.state_dict().items():
+        assert torch.equal(p, previous[name]), name
+
+
+def test_continual_model_needs_the_step_config():
+    cfg = _cfg()
+    scenario = build_scenario(cfg)
+    with pytest.raises(ValueError, match="NUM_CLASSES=20"):
+        build_continual_model(cfg, scenario, 0)  # the scenario's config, not step 0's

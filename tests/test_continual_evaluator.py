@@ -1,4 +1,4 @@
-"""ContinualEvaluator on a tiny registered dataset: hand-made predictions, hand-computed PQ and mIoU.
+"""SplitEvaluator on a tiny registered dataset: hand-made predictions, hand-computed PQ and mIoU.
 
 Classes: 0 cat (thing), 1 dog (thing), 2 sky (stuff), 3 grass (stuff). Step 0 learned cat and sky,
 step 1 dog; grass comes later, so it is unseen (void) unless said otherwise.
@@ -29,7 +29,7 @@ from PIL import Image
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from comformer.evaluation.continual import ContinualEvaluator
+from comformer.evaluation.split_evaluator import SplitEvaluator
 
 CLASSES = ["cat", "dog", "sky", "grass"]
 K = len(CLASSES)
@@ -121,7 +121,7 @@ def _predictions(files):
 
 
 def _evaluate(dataset_name, files, seen, splits, **kwargs):
-    evaluator = ContinualEvaluator(
+    evaluator = SplitEvaluator(
         dataset_name, seen_classes=seen, splits=splits, panoptic=True, semantic=True, **kwargs
     )
     evaluator.reset()
@@ -216,7 +216,7 @@ def test_a_split_without_seen_classes_is_nan(dataset):
 
 def test_predicting_an_unseen_class_and_a_class_without_ground_truth(dataset):
     name, files = dataset
-    evaluator = ContinualEvaluator(
+    evaluator = SplitEvaluator(
         name, seen_classes=[0, 1, 2], splits={"new": [1, 3]}, panoptic=True, semantic=True
     )
     evaluator.reset()
@@ -241,7 +241,7 @@ def test_predicting_an_unseen_class_and_a_class_without_ground_truth(dataset):
 
 def test_no_image_processed_gives_empty_results(dataset):
     name, _ = dataset
-    evaluator = ContinualEvaluator(
+    evaluator = SplitEvaluator(
         name, seen_classes=[0], splits={}, panoptic=True, semantic=False, distributed=False
     )
     evaluator.reset()
@@ -250,7 +250,7 @@ def test_no_image_processed_gives_empty_results(dataset):
 
 def test_bad_predictions_raise_naming_the_file(dataset):
     name, files = dataset
-    evaluator = ContinualEvaluator(
+    evaluator = SplitEvaluator(
         name, seen_classes=[0, 1], splits={}, panoptic=True, semantic=True
     )
     evaluator.reset()
@@ -281,10 +281,10 @@ def test_bad_arguments(dataset):
     name, _ = dataset
     kwargs = dict(panoptic=True, semantic=True)
     with pytest.raises(ValueError, match=r"seen_classes .*\[4\]"):
-        ContinualEvaluator(name, seen_classes=[0, 4], splits={}, **kwargs)
+        SplitEvaluator(name, seen_classes=[0, 4], splits={}, **kwargs)
     with pytest.raises(ValueError, match=r"splits\['new'\] .*\[9\]"):
-        ContinualEvaluator(name, seen_classes=[0], splits={"new": [9]}, **kwargs)
+        SplitEvaluator(name, seen_classes=[0], splits={"new": [9]}, **kwargs)
     with pytest.raises(ValueError, match="'th'"):
-        ContinualEvaluator(name, seen_classes=[0], splits={"th": [0]}, **kwargs)
+        SplitEvaluator(name, seen_classes=[0], splits={"th": [0]}, **kwargs)
     with pytest.raises(ValueError, match="compute nothing"):
-        ContinualEvaluator(name, seen_classes=[0], splits={}, panoptic=False, semantic=False)
+        SplitEvaluator(name, seen_classes=[0], splits={}, panoptic=False, semantic=False)

@@ -21,6 +21,8 @@ import torch
 
 from detectron2.modeling import build_model
 
+from comformer.data.scenario import build_scenario
+from comformer.engine.step_config import step_config
 from test_faults import TINY_OPTS, _cfg
 from test_resume import REPO, _tail, driver_env, tiny_command, write_driver
 
@@ -74,7 +76,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     env = driver_env(tmp_path)
     # Both runs start from these weights (also a MODEL.WEIGHTS load, with weights_only).
     torch.manual_seed(0)
-    init = build_model(_cfg(*TINY_OPTS, "CONT.STEP", 0)).state_dict()
+    cfg = _cfg(*TINY_OPTS)
+    init = build_model(step_config(cfg, build_scenario(cfg), 0)).state_dict()
     torch.save({"model": init}, tmp_path / "init.pth")
     opts = [
         "MODEL.WEIGHTS", tmp_path / "init.pth", "SOLVER.MAX_ITER", 1, "SOLVER.IMS_PER_BATCH", 2,

@@ -29,8 +29,9 @@ from comformer import add_comformer_config
 from comformer.data.datasets.common import panoptic_metadata, register_panoptic
 from comformer.data.datasets.synthetic import SyntheticSpec, generate, synthetic_categories
 from comformer.data.mappers import BadSampleError, PanopticDatasetMapper, SemanticDatasetMapper
-from comformer.engine.continual import run_scenario
-from comformer.engine.trainer import NonFiniteLossError, Trainer, TrainingStream, setup_cfg
+from comformer.engine import run_scenario
+from comformer.data.stream import TrainingStream
+from comformer.engine.trainer import NonFiniteLossError, Trainer, setup_cfg
 from comformer.utils.io import AtomicDetectionCheckpointer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -58,7 +58,9 @@ def _digest(state) -> str:
 
 
 def _run(tmp_path: Path, method: str) -> dict:
-    driver = write_driver(tmp_path) if not (tmp_path / "driver.py").exists() else tmp_path / "driver.py"
+    driver = (
+        write_driver(tmp_path) if not (tmp_path / "driver.py").exists() else tmp_path / "driver.py"
+    )
     out = tmp_path / method
     log = tmp_path / f"{method}.log"
     with open(log, "w") as f:
@@ -100,7 +102,11 @@ def test_write_or_compare_golden_scenario(runs):
             "cpu_capability": _cpu(),
             "torch": torch.__version__,
             "methods": {
-                m: {"steps": [{k: v for k, v in s.items() if k != "weights_path"} for s in r["steps"]]}
+                m: {
+                    "steps": [
+                        {k: v for k, v in s.items() if k != "weights_path"} for s in r["steps"]
+                    ]
+                }
                 for m, r in runs.items()
             },
         }

@@ -14,10 +14,15 @@ from detectron2.projects.deeplab import add_deeplab_config
 from detectron2.structures import BitMasks, Instances
 
 from comformer import add_comformer_config
-from comformer.continual import build_method, grow_classifier_state_dict
+from comformer.continual import (
+    build_continual_model,
+    build_method,
+    class_embed,
+    grow_classifier_state_dict,
+)
 from comformer.continual.comformer import comformer_kd_weight
 from comformer.continual.losses import (
-    ContinualSetCriterion,
+    ClassificationLoss,
     classification_loss,
     distillation_loss,
     distillation_weights,
@@ -33,6 +38,8 @@ from comformer.continual.pseudo_labels import (
     mask_pseudo_labels,
 )
 from comformer.data.scenario import build_scenario
+from comformer.engine.step_config import step_config
+from comformer.modeling.criterion import SetCriterion
 from comformer.modeling.head import MaskFormerHead
 from comformer.modeling.matcher import HungarianMatcher
 
@@ -366,25 +373,32 @@ def test_method_defaults_and_config_errors():
     assert mib.kd_weight == 0 and not mib.needs_teacher
 
 
-def test_criterion_swap_keeps_everything_but_the_class_loss():
-    cfg = _cfg("CONT.METHOD", "mib", "CONT.STEP", 1)
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    before = model.criterion
-    build_method(cfg, build_scenario(cfg), 1).configure_model(model)
-    after = model.criterion
-    assert isinstance(after, ContinualSetCriterion) and after.num_old_absorbed == 10
-    assert after.matcher is before.matcher and after.weight_dict == before.weight_dict
-    assert set(model.state_dict()) == set(build_model(cfg).state_dict())
-    # step 0: nothing to absorb, the criterion stays the plain one
-    cfg0 = _cfg("CONT.METHOD", "mib", "CONT.STEP", 0)
-    model0 = build_model(cfg0)
-    build_method(cfg0, build_scenario(cfg0), 0).configure_model(model0)
-    assert type(model0.criterion) is type(before)
+def _step(step, *opts):
+    """(step config, scenario) of a synthetic 10-10 step."""
+    cfg = _cfg(*opts)
+    scenario = build_scenario(cfg)
+    return step_config(cfg, scenario, step), scenario
 
 
-def test_continual_criterion_class_loss_by_hand():
-    criterion = ContinualSetCriterion(
+def test_method_class_loss_keeps_everything_but_the_class_loss():
+    cfg1, scenario = _step(1, "CONT.METHOD", "mib")
+    cfg0, _ = _step(0, "CONT.METHOD", "mib")
+    plain = build_model(cfg1)
+    previous = build_model(cfg0).state_dict()
+    model = build_continual_model(cfg1, scenario, 1, build_method(cfg1, scenario, 1), previous)
+    after = model.student.criterion
+    assert isinstance(after.class_loss, ClassificationLoss)
+    assert after.class_loss.num_old_absorbed == 10 and not after.class_loss.focal
+    assert repr(after.matcher) == repr(plain.criterion.matcher)
+    assert after.weight_dict == plain.criterion.weight_dict
+    assert set(model.student.state_dict()) == set(plain.state_dict())
+    # step 0: nothing to absorb, the criterion stays Mask2Former's
+    model0 = build_continual_model(cfg0, scenario, 0, build_method(cfg0, scenario, 0))
+    assert model0.student.criterion.class_loss is None and model0.teacher is None
+
+
+def test_continual_class_loss_by_hand():
+    criterion = SetCriterion(
         3,
         matcher=HungarianMatcher(),
         weight_dict={"loss_ce": 1.0},
@@ -392,7 +406,7 @@ def test_continual_criterion_class_loss_by_hand():
         num_points=4,
         oversample_ratio=3.0,
         importance_sample_ratio=0.75,
-        num_old_absorbed=1,
+        class_loss=ClassificationLoss(num_old_absorbed=1),
     )
     outputs = {"pred_logits": torch.stack([_logits(1, 2, 3, 4), _logits(1, 2, 3, 4)])[None]}
     targets = [{"labels": torch.tensor([1]), "masks": torch.zeros(1, 2, 2)}]
@@ -400,7 +414,7 @@ def test_continual_criterion_class_loss_by_hand():
     # query 0: -log 0.2 (weight 1); query 1: no-object absorbs old class 0, -log 0.5 (weight 0.1)
     loss = criterion.loss_labels(outputs, targets, indices, num_masks=1.0)["loss_ce"]
     torch.testing.assert_close(loss, torch.tensor((math.log(5) + 0.1 * math.log(2)) / 1.1))
-    criterion.focal = True  # alpha 5, gamma 1, no class weights: p_t = 0.2 and 0.5
+    criterion.class_loss.focal = True  # alpha 5, gamma 1, no class weights: p_t = 0.2 and 0.5
     loss = criterion.loss_labels(outputs, targets, indices, num_masks=1.0)["loss_ce"]
     expected = (5 * 0.8 * math.log(5) + 5 * 0.5 * math.log(2)) / 2
     torch.testing.assert_close(loss, torch.tensor(expected))
@@ -451,24 +465,20 @@ def _batch(size=32):
 )
 def test_one_training_step_of_each_method(method, opts, extra_key, head_returns_mask_features):
     torch.manual_seed(0)
-    cfg_t = _cfg("CONT.METHOD", method, "CONT.STEP", 0, *opts)
-    cfg_s = _cfg("CONT.METHOD", method, "CONT.STEP", 1, *opts)
-    scenario = build_scenario(cfg_s)
-    teacher = build_model(cfg_t)
-    student = build_model(cfg_s)
+    cfg_t, scenario = _step(0, "CONT.METHOD", method, *opts)
+    cfg_s, _ = _step(1, "CONT.METHOD", method, *opts)
+    previous = build_model(cfg_t).state_dict()
     m = build_method(cfg_s, scenario, 1)
-    m.configure_model(student)
-    student.load_state_dict(
-        grow_classifier_state_dict(teacher.state_dict(), student.state_dict(), 10)
-    )
-    m.init_new_classes(student)
+    model = build_continual_model(cfg_s, scenario, 1, m, previous_state=previous)
+    student, teacher = model.student, model.teacher.model
+    student.load_state_dict(grow_classifier_state_dict(previous, student.state_dict(), 10))
+    m.init_new_classes(class_embed(student))
     if method == "mib":
-        embed = student.sem_seg_head.predictor.class_embed
+        embed = class_embed(student)
         torch.testing.assert_close(embed.weight[10:], embed.weight[-1:].expand(11, -1))
-    student.set_continual(m, teacher)
-    student.train()
+    model.train()
 
-    losses = student(_batch())
+    losses = model(_batch())
     assert extra_key in losses
     assert all(torch.isfinite(v) for v in losses.values()), losses
     sum(losses.values()).backward()

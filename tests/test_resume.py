@@ -25,7 +25,7 @@ import torch
 from detectron2.data.build import build_batch_data_loader
 
 from comformer.data.datasets.synthetic import generate
-from comformer.engine.trainer import TrainingStream
+from comformer.data.stream import TrainingStream
 from test_faults import CONTINUAL_CFG, SPEC, TINY_OPTS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -144,7 +144,7 @@ def test_train_loader_prefetches_whole_batches_per_worker():
     from detectron2.config import get_cfg
 
     from comformer.config import add_comformer_config
-    from comformer.engine.trainer import build_train_loader
+    from comformer.data.stream import build_train_loader
 
     cfg = get_cfg()
     add_comformer_config(cfg)
@@ -172,7 +172,7 @@ def test_train_loader_sets_the_sharing_strategy_and_rejects_unknown_ones():
     from detectron2.config import get_cfg
 
     from comformer.config import add_comformer_config
-    from comformer.engine.trainer import build_train_loader
+    from comformer.data.stream import build_train_loader
 
     cfg = get_cfg()
     add_comformer_config(cfg)

@@ -20,7 +20,7 @@ import time
 
 import comformer  # noqa: F401  (registers datasets, model parts and methods)
 from comformer.continual import METHOD_REGISTRY
-from comformer.engine.continual import load_results, plot_results, results_table
+from comformer.engine import load_results, plot_results, results_table
 from comformer.utils.io import atomic_write_text
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -11,14 +11,13 @@ A config with CONT.TASK (or CONT.STEP_CLASSES) runs the whole scenario, each ste
 OUTPUT_DIR/step<t> (finished steps are skipped; --resume continues a half-finished one), or one
 step with CONT.STEP t:
 
-    python tools/train_net.py --config-file configs/synthetic/continual/panoptic_10-2_comformer.yaml
+    python tools/train_net.py --config-file configs/synthetic/panoptic-segmentation/continual/10-2-comformer.yaml
 """
 from detectron2.engine import default_argument_parser, launch
 
-import comformer  # noqa: F401  (registers datasets and model parts)
+import comformer  # noqa: F401  (registers datasets, model parts and methods)
 from comformer.data.scenario import build_scenario
-from comformer.engine import Trainer, setup_cfg
-from comformer.engine.continual import run_scenario
+from comformer.engine import Trainer, run_scenario, setup_cfg
 from comformer.utils.io import AtomicDetectionCheckpointer
 
 

@@ -1,17 +1,23 @@
-"""Continual learning methods: a registry, so that a method is a config value (CONT.METHOD)."""
-from .base import METHOD_REGISTRY, ContinualMethod, build_method
-from .classifier import FreezeOldClassesHook, grow_classifier_state_dict
-from .comformer import CoMFormer
-from .mib import MiB
-from .plop import PLOP
+"""The continual layer: methods (a registry: CONT.METHOD), the teacher, the growing classifier and
+the continual model that composes a Mask2Former student with them. Importing it registers the
+methods."""
+from . import baselines, comformer, mib, plop  # noqa: F401  (register the methods)
+from .classifier import class_embed, grow_classifier_state_dict
+from .method import METHOD_REGISTRY, ContinualMethod, Prediction, StepBatch, build_method
+from .model import ContinualModel, build_continual_model, to_dataset_classes
+from .teacher import Teacher, config_with_classes
 
 __all__ = [
     "METHOD_REGISTRY",
     "ContinualMethod",
+    "Prediction",
+    "StepBatch",
     "build_method",
-    "FreezeOldClassesHook",
+    "ContinualModel",
+    "build_continual_model",
+    "to_dataset_classes",
+    "Teacher",
+    "config_with_classes",
+    "class_embed",
     "grow_classifier_state_dict",
-    "MiB",
-    "CoMFormer",
-    "PLOP",
 ]

@@ -7,9 +7,7 @@ from typing import Dict
 
 import torch
 
-from detectron2.engine import HookBase
-
-__all__ = ["CLASSIFIER_KEYS", "grow_classifier_state_dict", "FreezeOldClassesHook"]
+__all__ = ["CLASSIFIER_KEYS", "class_embed", "grow_classifier_state_dict"]
 
 # State-dict entries with one row per class plus no-object.
 CLASSIFIER_KEYS = (
@@ -17,6 +15,12 @@ CLASSIFIER_KEYS = (
     "sem_seg_head.predictor.class_embed.bias",
     "criterion.empty_weight",
 )
+
+
+def class_embed(student: torch.nn.Module) -> torch.nn.Linear:
+    """The student's classifier (``sem_seg_head.predictor.class_embed``, the module behind the
+    first two :data:`CLASSIFIER_KEYS`)."""
+    return student.sem_seg_head.predictor.class_embed
 
 
 def grow_classifier_state_dict(
@@ -67,23 +71,3 @@ def grow_classifier_state_dict(
             )
         out[name] = old
     return out
-
-
-class FreezeOldClassesHook(HookBase):
-    """Keep the classifier rows of the old classes exactly as loaded: restores them after every
-    optimizer step (zeroing their gradients would not stop AdamW's weight decay)."""
-
-    def __init__(self, model: torch.nn.Module, num_old: int):
-        self.num_old = num_old
-        predictor = _unwrap(model).sem_seg_head.predictor
-        self.params = [predictor.class_embed.weight, predictor.class_embed.bias]
-        self.saved = [p.detach()[:num_old].clone() for p in self.params]
-
-    def after_step(self):
-        with torch.no_grad():
-            for p, saved in zip(self.params, self.saved):
-                p[: self.num_old].copy_(saved)
-
-
-def _unwrap(model):
-    return model.module if hasattr(model, "module") else model

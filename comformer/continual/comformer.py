@@ -16,15 +16,12 @@ Components, each with its switch under ``CONT.COMFORMER``:
   (:func:`~comformer.continual.pseudo_labels.mask_pseudo_labels`).
 """
 
-from typing import Dict, List
+from typing import Dict, Optional
 
 import torch
-from torch import nn
 
-from detectron2.structures import ImageList
-
-from .base import METHOD_REGISTRY, ContinualMethod
-from .losses import ContinualSetCriterion, distillation_loss, teacher_predict
+from .losses import ClassificationLoss, distillation_loss
+from .method import METHOD_REGISTRY, ContinualMethod, StepBatch
 from .pseudo_labels import with_teacher_pseudo_labels
 
 __all__ = ["CoMFormer", "KD_WEIGHT_BY_TASK", "DEFAULT_KD_WEIGHT", "comformer_kd_weight"]
@@ -86,40 +83,33 @@ class CoMFormer(ContinualMethod):
         self.pseudo_threshold = float(c.PSEUDO_THRESHOLD)
         self.needs_teacher = self.kd_weight > 0 or self.pseudo_labels
 
-    def configure_model(self, model: nn.Module) -> None:
-        if self.focal:
-            model.criterion = ContinualSetCriterion.from_criterion(
-                model.criterion,
-                focal=True,
-                focal_alpha=self.focal_alpha,
-                focal_gamma=self.focal_gamma,
-            )
+    def class_loss(self) -> Optional[ClassificationLoss]:
+        if not self.focal:
+            return None
+        return ClassificationLoss(
+            focal=True, focal_alpha=self.focal_alpha, focal_gamma=self.focal_gamma
+        )
 
-    def losses(
-        self,
-        model: nn.Module,
-        images: ImageList,
-        features: Dict[str, torch.Tensor],
-        outputs: Dict,
-        targets: List[Dict[str, torch.Tensor]],
-    ) -> Dict[str, torch.Tensor]:
-        if self.step == 0 or not self.needs_teacher:
-            return model.weighted_losses(model.criterion(outputs, targets))
-        _, t_outputs = teacher_predict(model, images, self.step)
+    def losses(self, batch: StepBatch) -> Dict[str, torch.Tensor]:
+        teacher = batch.teacher
+        if teacher is None:  # the base step, or an ablation without distillation and pseudo-labels
+            return batch.set_losses(batch.student.outputs, batch.targets)
+        targets = batch.targets
         if self.pseudo_labels:
             targets = with_teacher_pseudo_labels(
                 targets,
-                t_outputs,
-                images.tensor.shape[-2:],
+                teacher.outputs,
+                batch.images.tensor.shape[-2:],
                 kind="mask",
-                mask_activation=model.teacher.mask_activation,
+                mask_activation=teacher.mask_activation,
                 threshold=self.pseudo_threshold,
             )
-        losses = model.weighted_losses(model.criterion(outputs, targets))
+        outputs = batch.student.outputs
+        losses = batch.set_losses(outputs, targets)
         if self.kd_weight > 0:
-            losses["loss_kd"] = self.kd_weight * self._kd(outputs, t_outputs)
+            losses["loss_kd"] = self.kd_weight * self._kd(outputs, teacher.outputs)
             if self.kd_aux:
-                pairs = zip(outputs.get("aux_outputs", []), t_outputs.get("aux_outputs", []))
+                pairs = zip(outputs.get("aux_outputs", []), teacher.outputs.get("aux_outputs", []))
                 for i, (aux, t_aux) in enumerate(pairs):
                     losses[f"loss_kd_{i}"] = self.kd_weight * self._kd(aux, t_aux)
         return losses

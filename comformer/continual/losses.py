@@ -1,4 +1,4 @@
-"""Classification and distillation losses shared by the continual methods (MiB, CoMFormer).
+"""Classification and distillation losses shared by the continual methods (MiB, PLOP, CoMFormer).
 
 Shapes: B images, Q queries, K_old classes the teacher knows, K = K_old + K_new classes of the
 student. Class logits are laid out [old classes, new classes, no-object] for the student and
@@ -14,13 +14,10 @@ Two ideas of MiB (Cermelli et al., CVPR 2020) carry over from pixels to queries:
   any new class".
 """
 
-from typing import Dict, Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor
-
-from ..modeling.criterion import SetCriterion
-from ..utils.timing import timed
 
 __all__ = [
     "unbiased_ce_log_probs",
@@ -29,8 +26,7 @@ __all__ = [
     "classification_loss",
     "distillation_weights",
     "distillation_loss",
-    "ContinualSetCriterion",
-    "teacher_predict",
+    "ClassificationLoss",
 ]
 
 
@@ -209,25 +205,17 @@ def distillation_loss(
     return (w * kl).sum() / w.sum().clamp(min=torch.finfo(w.dtype).tiny)
 
 
-class ContinualSetCriterion(SetCriterion):
+class ClassificationLoss:
     """
-    :class:`SetCriterion` whose classification loss (``loss_ce``) has the continual options of
-    :func:`classification_loss`: MiB's unbiased cross-entropy and CoMFormer's focal loss. Matching
-    and mask losses are the parent's.
+    The set criterion's classification loss with the continual options of
+    :func:`classification_loss` (MiB's unbiased cross-entropy, CoMFormer's focal loss): passed to
+    ``SetCriterion(cfg, class_loss=...)``, which calls it with the logits, the matched target
+    classes and its per-class weights. Matching and mask losses stay the criterion's.
     """
 
     def __init__(
         self,
-        num_classes: int,
         *,
-        matcher: torch.nn.Module,
-        weight_dict: Dict[str, float],
-        eos_coef: float,
-        losses: Sequence[str] = ("labels", "masks"),
-        num_points: int,
-        oversample_ratio: float,
-        importance_sample_ratio: float,
-        mask_activation: str = "sigmoid",
         num_old_absorbed: int = 0,
         focal: bool = False,
         focal_alpha: float = 5.0,
@@ -235,29 +223,13 @@ class ContinualSetCriterion(SetCriterion):
     ):
         """
         Args:
-            num_classes, matcher, weight_dict, eos_coef, losses, num_points, oversample_ratio,
-                importance_sample_ratio, mask_activation: as :class:`SetCriterion`.
             num_old_absorbed: old classes absorbed into no-object by the unbiased cross-entropy
                 (0: ordinary cross-entropy).
-            focal: use the focal loss instead of the ``empty_weight``-weighted cross-entropy.
+            focal: the focal loss instead of the class-weighted cross-entropy.
             focal_alpha, focal_gamma: its factor and exponent.
         """
-        super().__init__(
-            num_classes,
-            matcher=matcher,
-            weight_dict=weight_dict,
-            eos_coef=eos_coef,
-            losses=losses,
-            num_points=num_points,
-            oversample_ratio=oversample_ratio,
-            importance_sample_ratio=importance_sample_ratio,
-            mask_activation=mask_activation,
-        )
-        if not 0 <= num_old_absorbed <= num_classes:
-            raise ValueError(
-                f"ContinualSetCriterion: num_old_absorbed={num_old_absorbed} must be in "
-                f"[0, num_classes={num_classes}]"
-            )
+        if num_old_absorbed < 0:
+            raise ValueError(f"num_old_absorbed={num_old_absorbed} must be >= 0")
         if focal and (focal_alpha <= 0 or focal_gamma < 0):
             raise ValueError(
                 f"focal loss needs alpha > 0 and gamma >= 0, got alpha={focal_alpha}, "
@@ -268,68 +240,16 @@ class ContinualSetCriterion(SetCriterion):
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
 
-    @classmethod
-    def from_criterion(cls, criterion: SetCriterion, **options) -> "ContinualSetCriterion":
-        """
-        The same criterion (matcher, weights, sampling, mask activation, device) with the
-        continual options ``num_old_absorbed``, ``focal``, ``focal_alpha``, ``focal_gamma``.
-        """
-        out = cls(
-            criterion.num_classes,
-            matcher=criterion.matcher,
-            weight_dict=criterion.weight_dict,
-            eos_coef=criterion.eos_coef,
-            losses=criterion.losses,
-            num_points=criterion.num_points,
-            oversample_ratio=criterion.oversample_ratio,
-            importance_sample_ratio=criterion.importance_sample_ratio,
-            mask_activation=criterion.mask_activation,
-            **options,
-        )
-        return out.to(criterion.empty_weight.device)
-
-    def loss_labels(self, outputs, targets, indices, num_masks) -> Dict[str, Tensor]:
-        """Classification loss (see :func:`classification_loss`); ``num_masks`` is unused."""
-        logits = outputs["pred_logits"]
-        target_classes = torch.full(
-            logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device
-        )
-        batch_idx, query_idx = self._src_permutation_idx(indices)
-        matched_labels = [t["labels"][j] for t, (_, j) in zip(targets, indices)]
-        target_classes[batch_idx, query_idx] = torch.cat(matched_labels).to(logits.device)
-        loss = classification_loss(
+    def __call__(self, logits: Tensor, target_classes: Tensor, class_weight: Tensor) -> Tensor:
+        return classification_loss(
             logits,
             target_classes,
             num_old_absorbed=self.num_old_absorbed,
-            class_weight=self.empty_weight,
+            class_weight=class_weight,
             focal_alpha=self.focal_alpha if self.focal else None,
             focal_gamma=self.focal_gamma,
         )
-        return {"loss_ce": loss}
 
-    def extra_repr(self) -> str:
-        return (
-            super().extra_repr()
-            + f", num_old_absorbed={self.num_old_absorbed}, focal={self.focal}"
-            + (f" (alpha={self.focal_alpha}, gamma={self.focal_gamma})" if self.focal else "")
-        )
-
-
-def teacher_predict(model: torch.nn.Module, images, step: int):
-    """
-    The teacher's backbone features and prediction dict for the student's batch, without graph.
-
-    Args:
-        model: the student; ``model.teacher`` is the previous step's model.
-        images: the student's normalised, padded ``ImageList``.
-        step: the step being trained (for the error message).
-    """
-    teacher = model.teacher
-    if teacher is None:
-        raise RuntimeError(
-            f"step {step} of this method distils from the previous step's model, but the student "
-            "has no teacher: ContinualTrainer builds it when method.needs_teacher is True "
-            "(model.set_continual(method, teacher))"
-        )
-    with torch.no_grad(), timed("teacher forward"):
-        return teacher.predict(images)
+    def __repr__(self) -> str:
+        focal = f", focal alpha={self.focal_alpha} gamma={self.focal_gamma}" if self.focal else ""
+        return f"ClassificationLoss(num_old_absorbed={self.num_old_absorbed}{focal})"

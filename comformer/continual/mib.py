@@ -13,15 +13,13 @@ no teacher, so MiB trains like fine-tuning.
 """
 
 import math
-from typing import Dict, List
+from typing import Dict, Optional
 
 import torch
 from torch import nn
 
-from detectron2.structures import ImageList
-
-from .base import METHOD_REGISTRY, ContinualMethod
-from .losses import ContinualSetCriterion, distillation_loss, teacher_predict
+from .losses import ClassificationLoss, distillation_loss
+from .method import METHOD_REGISTRY, ContinualMethod, StepBatch
 
 __all__ = ["MiB", "mib_init_classifier"]
 
@@ -77,31 +75,22 @@ class MiB(ContinualMethod):
         # Without distillation the teacher would be built for nothing.
         self.needs_teacher = self.kd_weight > 0
 
-    def configure_model(self, model: nn.Module) -> None:
+    def class_loss(self) -> Optional[ClassificationLoss]:
         if self.unbiased_ce and self.num_old > 0:
-            model.criterion = ContinualSetCriterion.from_criterion(
-                model.criterion, num_old_absorbed=self.num_old
-            )
+            return ClassificationLoss(num_old_absorbed=self.num_old)
+        return None
 
-    def init_new_classes(self, model: nn.Module) -> None:
+    def init_new_classes(self, class_embed: nn.Linear) -> None:
         if self.init and self.step > 0:
-            class_embed = model.sem_seg_head.predictor.class_embed
             mib_init_classifier(class_embed, self.num_old, self.num_new)
 
-    def losses(
-        self,
-        model: nn.Module,
-        images: ImageList,
-        features: Dict[str, torch.Tensor],
-        outputs: Dict,
-        targets: List[Dict[str, torch.Tensor]],
-    ) -> Dict[str, torch.Tensor]:
-        losses = model.weighted_losses(model.criterion(outputs, targets))
-        if self.step > 0 and self.kd_weight > 0:
-            _, t_outputs = teacher_predict(model, images, self.step)
+    def losses(self, batch: StepBatch) -> Dict[str, torch.Tensor]:
+        outputs = batch.student.outputs
+        losses = batch.set_losses(outputs, batch.targets)
+        if batch.teacher is not None:
             losses["loss_kd"] = self.kd_weight * distillation_loss(
                 outputs["pred_logits"],
-                t_outputs["pred_logits"],
+                batch.teacher.outputs["pred_logits"],
                 unbiased=self.unbiased_kd,
                 temperature=self.kd_temperature,
             )

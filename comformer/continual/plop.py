@@ -13,12 +13,9 @@ import math
 from typing import Dict, List, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from detectron2.structures import ImageList
-
-from .base import METHOD_REGISTRY, ContinualMethod
-from .losses import teacher_predict
+from .method import METHOD_REGISTRY, ContinualMethod, Prediction, StepBatch
 from .pseudo_labels import with_teacher_pseudo_labels
 
 __all__ = ["PLOP", "local_pod_embedding", "pod_loss", "PSEUDO_LABEL_KINDS", "MASK_FEATURES"]
@@ -127,38 +124,33 @@ class PLOP(ContinualMethod):
         self.pod_weight = float(p.POD_WEIGHT) * math.sqrt(self.num_new / num_all)
         self.needs_teacher = self.pod_weight > 0 or self.pseudo_labels != "none"
 
-    def losses(
-        self,
-        model: nn.Module,
-        images: ImageList,
-        features: Dict[str, torch.Tensor],
-        outputs: Dict,
-        targets: List[Dict[str, torch.Tensor]],
-    ) -> Dict[str, torch.Tensor]:
-        if self.step == 0 or not self.needs_teacher:
-            return model.weighted_losses(model.criterion(outputs, targets))
-        t_features, t_outputs = teacher_predict(model, images, self.step)
+    def losses(self, batch: StepBatch) -> Dict[str, torch.Tensor]:
+        teacher = batch.teacher
+        if teacher is None:  # the base step, or an ablation without POD and pseudo-labels
+            return batch.set_losses(batch.student.outputs, batch.targets)
+        targets = batch.targets
         if self.pseudo_labels != "none":
             targets = with_teacher_pseudo_labels(
                 targets,
-                t_outputs,
-                images.tensor.shape[-2:],
+                teacher.outputs,
+                batch.images.tensor.shape[-2:],
                 kind=self.pseudo_labels,
-                mask_activation=model.teacher.mask_activation,
+                mask_activation=teacher.mask_activation,
                 threshold=(
                     self.pseudo_threshold
                     if self.pseudo_labels == "mask"
                     else self.entropy_threshold
                 ),
             )
-        losses = model.weighted_losses(model.criterion(outputs, targets))
+        losses = batch.set_losses(batch.student.outputs, targets)
         if self.pod_weight > 0:
-            student = self._pod_inputs(features, outputs, "student")
-            teacher = self._pod_inputs(t_features, t_outputs, "teacher")
-            losses["loss_pod"] = self.pod_weight * pod_loss(student, teacher, self.pod_scales)
+            student = self._pod_inputs(batch.student, "student")
+            teacher_maps = self._pod_inputs(teacher, "teacher")
+            losses["loss_pod"] = self.pod_weight * pod_loss(student, teacher_maps, self.pod_scales)
         return losses
 
-    def _pod_inputs(self, features: Dict, outputs: Dict, who: str) -> List[Tensor]:
+    def _pod_inputs(self, prediction: Prediction, who: str) -> List[Tensor]:
+        features, outputs = prediction.features, prediction.outputs
         maps = []
         for name in self.pod_features:
             source = outputs if name == MASK_FEATURES else features

@@ -4,7 +4,7 @@ Shapes: B images, Q queries, K classes (K = no-object index), N_b targets of ima
 pairs in the batch, P points per mask.
 """
 
-from typing import Callable, Dict, List, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -20,9 +20,12 @@ from detectron2.utils.comm import get_world_size
 from .mask_losses import dice_loss, sigmoid_ce_loss, softmax_ce_loss
 from .matcher import HungarianMatcher, check_mask_activation
 
-__all__ = ["SetCriterion", "build_loss_weight_dict"]
+__all__ = ["SetCriterion", "ClassLoss", "build_loss_weight_dict"]
 
 Indices = List[Tuple[Tensor, Tensor]]
+# A classification loss replacing Mask2Former's: (logits (B, Q, K+1), target classes (B, Q) int64
+# with K for no-object, per-class weights (K+1,)) -> scalar.
+ClassLoss = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
 def build_loss_weight_dict(
@@ -101,7 +104,8 @@ class SetCriterion(nn.Module):
     ``num_masks`` is the number of target masks in the batch, summed over workers and divided by
     the world size (the per-worker average), at least 1.
 
-    Subclasses for continual methods override :meth:`loss_labels` or :meth:`loss_masks`.
+    ``class_loss`` replaces the weighted cross-entropy of ``loss_ce`` by another function of the
+    same targets (continual methods: MiB's unbiased cross-entropy, CoMFormer's focal loss).
     """
 
     @configurable
@@ -117,6 +121,7 @@ class SetCriterion(nn.Module):
         oversample_ratio: float,
         importance_sample_ratio: float,
         mask_activation: str = "sigmoid",
+        class_loss: Optional[ClassLoss] = None,
     ):
         """
         Args:
@@ -130,6 +135,8 @@ class SetCriterion(nn.Module):
             oversample_ratio: candidates per point for importance sampling (>= 1).
             importance_sample_ratio: fraction of the P points chosen by uncertainty, in [0, 1].
             mask_activation: "sigmoid" or "softmax", see the class docstring.
+            class_loss: called as ``class_loss(logits, target_classes, empty_weight)`` instead of
+                the weighted cross-entropy; None: Mask2Former's loss.
         """
         super().__init__()
         unknown = [loss for loss in losses if loss not in self._loss_names()]
@@ -163,6 +170,7 @@ class SetCriterion(nn.Module):
         self.oversample_ratio = oversample_ratio
         self.importance_sample_ratio = importance_sample_ratio
         self.mask_activation = check_mask_activation(mask_activation)
+        self.class_loss = class_loss
 
         empty_weight = torch.ones(num_classes + 1)
         empty_weight[-1] = eos_coef
@@ -179,7 +187,7 @@ class SetCriterion(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @classmethod
-    def from_config(cls, cfg):
+    def from_config(cls, cfg, class_loss: Optional[ClassLoss] = None):
         mf = cfg.MODEL.MASK_FORMER
         num_aux = mf.DEC_LAYERS - 1 if mf.DEEP_SUPERVISION else 0
         return {
@@ -194,6 +202,7 @@ class SetCriterion(nn.Module):
             "oversample_ratio": mf.OVERSAMPLE_RATIO,
             "importance_sample_ratio": mf.IMPORTANCE_SAMPLE_RATIO,
             "mask_activation": mf.MASK_ACTIVATION,
+            "class_loss": class_loss,
         }
 
     def _loss_names(self) -> Dict[str, Callable]:
@@ -226,6 +235,8 @@ class SetCriterion(nn.Module):
         batch_idx, query_idx = self._src_permutation_idx(indices)
         matched_labels = [t["labels"][j] for t, (_, j) in zip(targets, indices)]
         target_classes[batch_idx, query_idx] = torch.cat(matched_labels).to(logits.device)
+        if self.class_loss is not None:
+            return {"loss_ce": self.class_loss(logits, target_classes, self.empty_weight)}
         loss = F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight)
         return {"loss_ce": loss}
 
@@ -407,4 +418,5 @@ class SetCriterion(nn.Module):
             f"num_points={self.num_points}, oversample_ratio={self.oversample_ratio}, "
             f"importance_sample_ratio={self.importance_sample_ratio}, "
             f"mask_activation={self.mask_activation!r}"
+            + ("" if self.class_loss is None else f", class_loss={self.class_loss!r}")
         )

@@ -3,7 +3,7 @@
 Shapes: B images, Q queries, K classes (class logits have K+1 entries, the last is no-object),
 H W image size, h w mask-feature size (1/4 of the padded image).
 """
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -16,10 +16,8 @@ from detectron2.modeling.backbone import Backbone
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
 
-from ..data.scenario import build_scenario
 from .criterion import SetCriterion
 from .inference import MASK_ACTIVATIONS, instance_inference, panoptic_inference, semantic_inference
-from .matcher import HungarianMatcher
 
 __all__ = ["MaskFormer"]
 
@@ -54,8 +52,6 @@ class MaskFormer(nn.Module):
         instance_on: bool,
         test_topk_per_image: int,
         mask_activation: str = "sigmoid",
-        class_order: Optional[Sequence[int]] = None,
-        num_dataset_classes: Optional[int] = None,
     ):
         """
         Args:
@@ -72,11 +68,6 @@ class MaskFormer(nn.Module):
             semantic_on, panoptic_on, instance_on: which outputs inference produces.
             test_topk_per_image: instances kept per image.
             mask_activation: "sigmoid" or "softmax" (across queries) at inference.
-            class_order: continual runs: the dataset class id of each classifier output (the
-                model predicts classes in the scenario's order, old ones first). None: outputs are
-                the dataset's class ids.
-            num_dataset_classes: the dataset's class count; inference outputs cover all of them
-                (classes the model does not know yet get probability 0).
         """
         super().__init__()
         if mask_activation not in MASK_ACTIVATIONS:
@@ -102,65 +93,19 @@ class MaskFormer(nn.Module):
         self.panoptic_on = panoptic_on
         self.test_topk_per_image = test_topk_per_image
         self.mask_activation = mask_activation
-        self.class_order = None if class_order is None else [int(c) for c in class_order]
-        self.num_dataset_classes = num_dataset_classes
-        if self.class_order is not None and num_dataset_classes is None:
-            raise ValueError("class_order needs num_dataset_classes")
-        # Continual training: a method computing the losses, and the frozen previous-step model. The
-        # teacher is kept out of the module tree (no state-dict entries, no optimizer parameters).
-        self.method = None
-        self._teacher = None
         if not self.semantic_on and (self.panoptic_on or self.instance_on):
             # panoptic/instance inference needs full-resolution masks
             self.sem_seg_postprocess_before_inference = True
 
     @classmethod
     def from_config(cls, cfg):
-        scenario = build_scenario(cfg)
-        class_order, num_dataset_classes = None, None
-        if scenario is not None:
-            # A model of step t knows the classes seen so far, in the scenario's order.
-            step = cfg.CONT.STEP if cfg.CONT.STEP >= 0 else scenario.num_steps - 1
-            class_order = scenario.seen_classes(step)
-            num_dataset_classes = scenario.num_classes
-            cfg = cfg.clone()
-            cfg.defrost()
-            cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = len(class_order)
         backbone = build_backbone(cfg)
         sem_seg_head = build_sem_seg_head(cfg, backbone.output_shape())
         mf = cfg.MODEL.MASK_FORMER
-        matcher = HungarianMatcher(
-            cost_class=mf.CLASS_WEIGHT,
-            cost_mask=mf.MASK_WEIGHT,
-            cost_dice=mf.DICE_WEIGHT,
-            num_points=mf.TRAIN_NUM_POINTS,
-            mask_activation=mf.MASK_ACTIVATION,
-        )
-        base_weights = {
-            "loss_ce": mf.CLASS_WEIGHT,
-            "loss_mask": mf.MASK_WEIGHT,
-            "loss_dice": mf.DICE_WEIGHT,
-        }
-        weight_dict = dict(base_weights)
-        if mf.DEEP_SUPERVISION:
-            # one auxiliary prediction per decoder layer but the last (DEC_LAYERS counts the initial one)
-            for i in range(mf.DEC_LAYERS - 1):
-                weight_dict.update({f"{k}_{i}": v for k, v in base_weights.items()})
-        criterion = SetCriterion(
-            cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
-            matcher=matcher,
-            weight_dict=weight_dict,
-            eos_coef=mf.NO_OBJECT_WEIGHT,
-            losses=["labels", "masks"],
-            num_points=mf.TRAIN_NUM_POINTS,
-            oversample_ratio=mf.OVERSAMPLE_RATIO,
-            importance_sample_ratio=mf.IMPORTANCE_SAMPLE_RATIO,
-            mask_activation=mf.MASK_ACTIVATION,
-        )
         return {
             "backbone": backbone,
             "sem_seg_head": sem_seg_head,
-            "criterion": criterion,
+            "criterion": SetCriterion(cfg),
             "num_queries": mf.NUM_OBJECT_QUERIES,
             "object_mask_threshold": mf.TEST.OBJECT_MASK_THRESHOLD,
             "overlap_threshold": mf.TEST.OVERLAP_THRESHOLD,
@@ -178,38 +123,12 @@ class MaskFormer(nn.Module):
             "panoptic_on": mf.TEST.PANOPTIC_ON,
             "test_topk_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
             "mask_activation": mf.MASK_ACTIVATION,
-            "class_order": class_order,
-            "num_dataset_classes": num_dataset_classes,
         }
 
     @property
     def num_classes(self) -> int:
         """Classes the classifier predicts (no-object excluded)."""
         return self.criterion.num_classes
-
-    @property
-    def teacher(self) -> Optional[nn.Module]:
-        return self._teacher
-
-    def set_continual(self, method, teacher: Optional[nn.Module] = None) -> None:
-        """
-        Train with a continual method's losses; ``teacher`` is the previous step's model (frozen
-        here: eval mode, no gradients).
-        """
-        if teacher is not None:
-            teacher.eval()
-            for p in teacher.parameters():
-                p.requires_grad_(False)
-        self.method = method
-        # object.__setattr__: as a registered submodule the teacher would enter the state dict
-        # (and checkpoints), and .to()/.train() calls meant for the student.
-        object.__setattr__(self, "_teacher", teacher)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self._teacher is not None:
-            self._teacher.eval()  # the teacher's batch norms and dropout stay in inference mode
-        return self
 
     @property
     def device(self) -> torch.device:
@@ -235,13 +154,9 @@ class MaskFormer(nn.Module):
             training: dict of weighted losses; inference: list of dicts (see the class docstring).
         """
         images = self.preprocess_images(batched_inputs)
-        features = self.backbone(images.tensor)
-        outputs = self.sem_seg_head(features)
-
+        _, outputs = self.predict(images)
         if self.training:
             targets = self.prepare_targets(batched_inputs, images)
-            if self.method is not None:
-                return self.method.losses(self, images, features, outputs, targets)
             return self.weighted_losses(self.criterion(outputs, targets))
         return self.inference(outputs, batched_inputs, images)
 
@@ -250,23 +165,9 @@ class MaskFormer(nn.Module):
         features = self.backbone(images.tensor)
         return features, self.sem_seg_head(features)
 
-    def to_dataset_classes(self, mask_cls: torch.Tensor) -> torch.Tensor:
-        """
-        Class logits (..., K_model + 1) in the model's order -> (..., K_dataset + 1) in dataset class
-        ids; classes the model does not predict get -inf (probability 0). Identity when the model's
-        classes are the dataset's.
-        """
-        if self.class_order is None:
-            return mask_cls
-        shape = mask_cls.shape[:-1] + (self.num_dataset_classes + 1,)
-        out = mask_cls.new_full(shape, float("-inf"))
-        index = torch.as_tensor(self.class_order, device=mask_cls.device)
-        out[..., index] = mask_cls[..., :-1]
-        out[..., -1] = mask_cls[..., -1]
-        return out
-
     def weighted_losses(self, losses: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """Multiply each loss by its weight; losses without a weight are not optimised."""
+        """Multiply each loss of :attr:`criterion` by its weight; losses without a weight are not
+        optimised."""
         weight_dict = self.criterion.weight_dict
         return {k: v * weight_dict[k] for k, v in losses.items() if k in weight_dict}
 
@@ -290,7 +191,12 @@ class MaskFormer(nn.Module):
         return targets
 
     def inference(self, outputs: Dict, batched_inputs: List[Dict], images: ImageList) -> List[Dict]:
-        mask_cls_results = self.to_dataset_classes(outputs["pred_logits"])
+        """
+        Per-image results (see the class docstring) from the prediction dict; the class entries
+        of ``outputs["pred_logits"]`` are the output classes of ``sem_seg`` and the category ids
+        of the panoptic and instance results.
+        """
+        mask_cls_results = outputs["pred_logits"]
         # upsample the 1/4-resolution masks to the padded input size
         mask_pred_results = F.interpolate(
             outputs["pred_masks"],

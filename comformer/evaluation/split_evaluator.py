@@ -36,7 +36,7 @@ from .panoptic_quality import (
     read_panoptic_png,
 )
 
-__all__ = ["ContinualEvaluator"]
+__all__ = ["SplitEvaluator"]
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class _GroundTruthCache:
         return value
 
 
-class ContinualEvaluator(DatasetEvaluator):
+class SplitEvaluator(DatasetEvaluator):
     """
     PQ and mIoU restricted to the classes seen so far, for all of them and per class split.
 
@@ -136,7 +136,7 @@ class ContinualEvaluator(DatasetEvaluator):
         """
         if not (panoptic or semantic):
             raise ValueError(
-                f"ContinualEvaluator({dataset_name!r}) with panoptic=False and semantic=False "
+                f"SplitEvaluator({dataset_name!r}) with panoptic=False and semantic=False "
                 "would compute nothing; enable at least one"
             )
         self._dataset_name = dataset_name
@@ -248,7 +248,7 @@ class ContinualEvaluator(DatasetEvaluator):
         if pred_segments is None:
             raise ValueError(
                 f"panoptic_seg of {record['file_name']} has segments_info None (ids encoding "
-                "category * label_divisor); ContinualEvaluator needs the list of segments"
+                "category * label_divisor); SplitEvaluator needs the list of segments"
             )
         pred_ids = _to_numpy(pred_ids)
         gt_file = record["pan_seg_file_name"]
@@ -332,7 +332,7 @@ class ContinualEvaluator(DatasetEvaluator):
             conf = sum(g[1] for g in gathered)
             num_images = sum(g[2] for g in gathered)
         if num_images == 0:
-            logger.warning(f"ContinualEvaluator on {self._dataset_name!r} received no predictions")
+            logger.warning(f"SplitEvaluator on {self._dataset_name!r} received no predictions")
             return OrderedDict()
 
         results = OrderedDict()

@@ -1,0 +1,134 @@
+"""The continual-method interface and registry.
+
+A method decides, for one step of a scenario:
+
+* how the student's classification loss differs from Mask2Former's (:meth:`ContinualMethod.class_loss`);
+* how the classifier rows of the new classes start (:meth:`ContinualMethod.init_new_classes`);
+* which classes the step's targets keep (:attr:`ContinualMethod.trains_on_all_seen`);
+* whether it needs the previous step's model (:attr:`ContinualMethod.needs_teacher`);
+* the training losses of a batch (:meth:`ContinualMethod.losses`), from a :class:`StepBatch`: the
+  batch's images and targets, the student's and the teacher's predictions, and the student's
+  matched set losses. This is all a method reads: it never touches the model's modules.
+
+Shapes follow ``comformer.modeling``: B images, Q queries, K classes (logits have K+1 entries,
+no-object last), h w the mask-prediction size.
+"""
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+from torch import Tensor, nn
+
+from detectron2.structures import ImageList
+from detectron2.utils.registry import Registry
+
+from ..modeling.criterion import ClassLoss
+
+__all__ = ["METHOD_REGISTRY", "ContinualMethod", "Prediction", "StepBatch", "build_method"]
+
+METHOD_REGISTRY = Registry("CONTINUAL_METHOD")
+METHOD_REGISTRY.__doc__ = """
+Continual methods. A member is a ``ContinualMethod`` subclass constructed as
+``Method(cfg, scenario, step)``; ``CONT.METHOD`` names it case-insensitively (``FT`` is "ft").
+"""
+
+
+@dataclass
+class Prediction:
+    """
+    One model's view of a batch.
+
+    Attributes:
+        features: the backbone's feature maps by name ("res2" .. "res5"), (B, C, H_f, W_f).
+        outputs: the head's prediction dict: "pred_logits" (B, Q, K+1), "pred_masks"
+            (B, Q, h, w), "aux_outputs" (one such dict per auxiliary decoder layer) and
+            "mask_features" (B, C, h, w), the pixel decoder's per-pixel embeddings.
+        mask_activation: how the model normalises masks: "sigmoid" or "softmax" (across queries).
+    """
+
+    features: Dict[str, Tensor]
+    outputs: Dict
+    mask_activation: str
+
+
+@dataclass
+class StepBatch:
+    """
+    What a method's :meth:`~ContinualMethod.losses` may read of one training batch.
+
+    Attributes:
+        images: the normalised, padded batch (``images.tensor`` (B, 3, H, W)).
+        targets: per image {"labels" (N_b,) int64 model indices, "masks" (N_b, H, W)} of the
+            step's ground truth.
+        student: the student's predictions (with autograd).
+        teacher: the frozen previous-step model's predictions (no autograd; its logits have
+            K_old+1 entries), or None when the method needs no teacher or at step 0.
+        set_losses: ``set_losses(outputs, targets)``: the student's Hungarian-matched losses of
+            a prediction dict against targets, already weighted (Mask2Former's class, mask and dice
+            losses, deep supervision included; the class loss is the method's :meth:`class_loss`).
+    """
+
+    images: ImageList
+    targets: List[Dict[str, Tensor]]
+    student: Prediction
+    teacher: Optional[Prediction]
+    set_losses: Callable[[Dict, List[Dict[str, Tensor]]], Dict[str, Tensor]]
+
+
+class ContinualMethod:
+    """
+    The interface of a continual method, and fine-tuning's behaviour: the step's classes with the
+    ordinary Mask2Former losses, no teacher. Subclasses override the attributes and methods below.
+    """
+
+    # Whether the step needs the previous step's model at training time.
+    needs_teacher: bool = False
+    # Whether targets keep every class seen so far (joint training) or only the step's classes.
+    trains_on_all_seen: bool = False
+
+    def __init__(self, cfg, scenario, step: int):
+        """
+        Args:
+            cfg: the step's config.
+            scenario: the ``Scenario`` being run.
+            step: the step trained with this method.
+        """
+        self.cfg = cfg
+        self.scenario = scenario
+        self.step = step
+        self.num_old = scenario.num_seen(step - 1) if step > 0 else 0
+        self.num_new = len(scenario.steps[step])
+
+    def class_loss(self) -> Optional[ClassLoss]:
+        """The student's classification loss, ``f(logits, target_classes, class_weight)``
+        (see :class:`~comformer.modeling.criterion.SetCriterion`); None: Mask2Former's."""
+        return None
+
+    def init_new_classes(self, class_embed: nn.Linear) -> None:
+        """
+        Initialise the classifier rows of the new classes, in place, after the old weights were
+        loaded. ``class_embed`` has ``num_old + num_new + 1`` outputs laid out [old, new,
+        no-object]. Default: keep the fresh random initialisation (Mask2Former's).
+        """
+
+    def losses(self, batch: StepBatch) -> Dict[str, Tensor]:
+        """Weighted training losses of one batch (summed by the trainer)."""
+        return batch.set_losses(batch.student.outputs, batch.targets)
+
+    def extra_repr(self) -> str:
+        return f"step={self.step}, old={self.num_old}, new={self.num_new}"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+
+def build_method(cfg, scenario, step: int) -> ContinualMethod:
+    """The method named by ``cfg.CONT.METHOD`` for ``step`` of ``scenario``."""
+    by_lower = {name.lower(): name for name, _ in METHOD_REGISTRY}
+    name = by_lower.get(cfg.CONT.METHOD.lower())
+    if name is None:
+        raise KeyError(
+            f"CONT.METHOD={cfg.CONT.METHOD!r} is not a registered method; valid: "
+            f"{', '.join(sorted(by_lower))}"
+        )
+    return METHOD_REGISTRY.get(name)(cfg, scenario, step)

@@ -1,0 +1,120 @@
+"""The results of a scenario, one row per finished step: ``results.json`` and ``results.csv``,
+the steps x old/new/all table ``results.md`` and its plot ``results.png``, all written atomically.
+"""
+
+import csv
+import io
+import json
+import math
+import os
+from typing import Dict, List
+
+from ..utils.io import atomic_write_json, atomic_write_text
+
+__all__ = [
+    "TABLE_COLUMNS",
+    "flatten_results",
+    "load_results",
+    "results_table",
+    "plot_results",
+    "record_step",
+]
+
+# Columns of the per-step table: (results key, header).
+TABLE_COLUMNS = (
+    ("PQ_old", "PQ old"),
+    ("PQ_new", "PQ new"),
+    ("PQ_all", "PQ all"),
+    ("mIoU_old", "mIoU old"),
+    ("mIoU_new", "mIoU new"),
+    ("mIoU_all", "mIoU all"),
+)
+
+
+def flatten_results(results: Dict) -> Dict[str, float]:
+    """{"panoptic_seg": {"PQ": ..}, "sem_seg": {"mIoU": ..}} -> PQ_all, PQ_old, mIoU_all, ..."""
+    flat = {}
+    pan = results.get("panoptic_seg", {})
+    sem = results.get("sem_seg", {})
+    for key, value in pan.items():
+        flat["PQ_all" if key == "PQ" else key] = value
+    for key, value in sem.items():
+        flat["mIoU_all" if key == "mIoU" else key] = value
+    return {k: float(v) for k, v in flat.items()}
+
+
+def load_results(output_dir: str) -> List[Dict]:
+    path = os.path.join(output_dir, "results.json")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return json.load(f)
+
+
+def _fmt(value) -> str:
+    return (
+        "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.1f}"
+    )
+
+
+def results_table(rows: List[Dict], title: str = "") -> str:
+    """Markdown table: one line per step, old / new / all PQ and mIoU (columns absent are left out)."""
+    columns = [(k, h) for k, h in TABLE_COLUMNS if any(k in r for r in rows)]
+    lines = [f"### {title}", ""] if title else []
+    lines.append("| method | step | classes | " + " | ".join(h for _, h in columns) + " |")
+    lines.append("|---|---:|---:|" + "---:|" * len(columns))
+    for r in rows:
+        values = " | ".join(_fmt(r.get(k)) for k, _ in columns)
+        lines.append(f"| {r['method']} | {r['step']} | {r['num_seen']} | {values} |")
+    return "\n".join(lines)
+
+
+def _write_csv(path: str, rows: List[Dict]) -> None:
+    keys: List[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys and not isinstance(r[k], (dict, list))]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def plot_results(path: str, rows: List[Dict], title: str) -> None:
+    """PQ and mIoU (old / new / all) per step, one panel each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    steps = [r["step"] for r in rows]
+    for ax, metric in zip(axes, ("PQ", "mIoU")):
+        for part, style in (("all", "-o"), ("old", "--s"), ("new", ":^")):
+            key = f"{metric}_{part}"
+            values = [r.get(key, float("nan")) for r in rows]
+            if all(v is None or math.isnan(v) for v in values):
+                continue
+            ax.plot(steps, values, style, label=part)
+        ax.set_title(metric)
+        ax.set_xlabel("step")
+        ax.set_xticks(steps)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def record_step(output_dir: str, row: Dict, title: str) -> List[Dict]:
+    """Add (or replace) the row of a step in results.json/csv and rewrite the table and plot."""
+    rows = [r for r in load_results(output_dir) if r["step"] != row["step"]] + [row]
+    rows.sort(key=lambda r: r["step"])
+    atomic_write_json(os.path.join(output_dir, "results.json"), rows)
+    _write_csv(os.path.join(output_dir, "results.csv"), rows)
+    atomic_write_text(os.path.join(output_dir, "results.md"), results_table(rows, title) + "\n")
+    plot_results(os.path.join(output_dir, "results.png"), rows, title)
+    return rows

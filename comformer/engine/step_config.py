@@ -1,0 +1,58 @@
+"""The configuration of one step of a scenario: its folder, model size, iterations and learning
+rate, and the class groups its results are reported on."""
+
+import os
+from typing import Dict, List
+
+from ..data.scenario import Scenario
+
+__all__ = ["step_dir", "step_iterations", "step_config", "step_splits"]
+
+
+def step_dir(output_dir: str, step: int) -> str:
+    """``OUTPUT_DIR/step<t>``: the folder of step ``t``."""
+    return os.path.join(output_dir, f"step{step}")
+
+
+def step_iterations(cfg, scenario: Scenario, step: int) -> int:
+    """Iterations of ``step``: SOLVER.MAX_ITER for the base step; for increments CONT.INC_ITERS_PER_CLASS
+    x new classes, else CONT.INC_MAX_ITER, else SOLVER.MAX_ITER."""
+    if step == 0:
+        return cfg.SOLVER.MAX_ITER
+    if cfg.CONT.INC_ITERS_PER_CLASS > 0:
+        return cfg.CONT.INC_ITERS_PER_CLASS * len(scenario.steps[step])
+    if cfg.CONT.INC_MAX_ITER > 0:
+        return cfg.CONT.INC_MAX_ITER
+    return cfg.SOLVER.MAX_ITER
+
+
+def step_config(cfg, scenario: Scenario, step: int):
+    """
+    The frozen config of one step: its folder, the classifier size (the classes seen so far,
+    ``MODEL.SEM_SEG_HEAD.NUM_CLASSES``), iterations and learning rate.
+    """
+    out = cfg.clone()
+    out.defrost()
+    out.CONT.STEP = scenario.check_step(step)
+    out.OUTPUT_DIR = step_dir(cfg.OUTPUT_DIR, step)
+    out.MODEL.SEM_SEG_HEAD.NUM_CLASSES = scenario.num_seen(step)
+    out.SOLVER.MAX_ITER = step_iterations(cfg, scenario, step)
+    out.SOLVER.WARMUP_ITERS = min(out.SOLVER.WARMUP_ITERS, out.SOLVER.MAX_ITER // 10)
+    if step > 0:
+        if cfg.CONT.INC_BASE_LR > 0:
+            out.SOLVER.BASE_LR = cfg.CONT.INC_BASE_LR
+        out.MODEL.WEIGHTS = ""  # the previous step's weights are loaded by the trainer
+    # The runner evaluates once per step with the split evaluator.
+    out.TEST.EVAL_PERIOD = 0
+    out.freeze()
+    return out
+
+
+def step_splits(scenario: Scenario, step: int) -> Dict[str, List[int]]:
+    """Class groups reported after ``step``: old (base step), new (all later steps), each step."""
+    splits = {"old": list(scenario.steps[0])}
+    if step > 0:
+        splits["new"] = [c for s in scenario.steps[1 : step + 1] for c in s]
+    for i in range(step + 1):
+        splits[f"step{i}"] = list(scenario.steps[i])
+    return splits

@@ -1,0 +1,148 @@
+"""The trainer of one step of a scenario."""
+
+import logging
+import os
+from typing import Dict, Optional
+
+import torch
+
+from detectron2.data.build import get_detection_dataset_dicts
+from detectron2.engine import HookBase, hooks
+
+from ..continual import (
+    build_continual_model,
+    build_method,
+    class_embed,
+    grow_classifier_state_dict,
+)
+from ..data.mappers import build_train_mapper
+from ..data.scenario import Scenario, register_step_dataset
+from ..data.stream import build_train_loader
+from ..utils.io import load_checkpoint_state
+from .trainer import Trainer, _unwrap, build_optimizer
+
+__all__ = ["StepTrainer", "FreezeOldClassesHook", "check_checkpoint_classes"]
+
+logger = logging.getLogger(__name__)
+
+
+def check_checkpoint_classes(state: Dict[str, torch.Tensor], num_classes: int, path: str) -> None:
+    """Raise a clear error unless the checkpoint ``path`` predicts ``num_classes`` classes."""
+    key = "sem_seg_head.predictor.class_embed.weight"
+    if key not in state:
+        raise KeyError(f"{path} has no {key}: not a comformer / Mask2Former checkpoint")
+    found = state[key].shape[0] - 1
+    if found != num_classes:
+        raise ValueError(
+            f"{path} predicts {found} classes but the previous step of this scenario has "
+            f"{num_classes}: the checkpoint belongs to another scenario or step"
+        )
+
+
+class FreezeOldClassesHook(HookBase):
+    """Keep the classifier rows of the old classes exactly as loaded: restores them after every
+    optimizer step (zeroing their gradients would not stop AdamW's weight decay)."""
+
+    def __init__(self, student: torch.nn.Module, num_old: int):
+        """
+        Args:
+            student: the trained ``MaskFormer``.
+            num_old: the old classes, the classifier's first rows.
+        """
+        self.num_old = num_old
+        classifier = class_embed(student)
+        self.params = [classifier.weight, classifier.bias]
+        self.saved = [p.detach()[:num_old].clone() for p in self.params]
+
+    def after_step(self):
+        with torch.no_grad():
+            for p, saved in zip(self.params, self.saved):
+                p[: self.num_old].copy_(saved)
+
+
+class StepTrainer(Trainer):
+    """
+    Trainer of one step: the step's dataset and label map, the continual model (student, method,
+    teacher), and the previous step's weights carried into the grown classifier. Checkpoints and
+    the optimizer hold the student alone.
+    """
+
+    def __init__(self, cfg, scenario: Scenario, step: int, previous_weights: Optional[str] = None):
+        """
+        Args:
+            cfg: the step's config (see ``comformer.engine.step_config``).
+            scenario: the scenario.
+            step: the step to train.
+            previous_weights: the previous step's final checkpoint (required for step > 0).
+        """
+        self.scenario = scenario
+        self.step = step
+        self.previous_weights = previous_weights
+        self.method = build_method(cfg, scenario, step)
+        self._previous_state = None
+        if step > 0:
+            if not previous_weights or not os.path.isfile(previous_weights):
+                raise FileNotFoundError(
+                    f"step {step} of {scenario.task!r} starts from the previous step's final "
+                    f"checkpoint, but {previous_weights!r} does not exist: run step {step - 1} first"
+                )
+            self._previous_state = load_checkpoint_state(previous_weights)
+            check_checkpoint_classes(
+                self._previous_state, scenario.num_seen(step - 1), previous_weights
+            )
+        super().__init__(cfg)
+
+    def build_model(self, cfg):
+        model = build_continual_model(
+            cfg, self.scenario, self.step, self.method, previous_state=self._previous_state
+        )
+        logger.info(f"Step {self.step}: method {self.method}, teacher: {model.teacher}")
+        return model
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_optimizer(cfg, model.student)
+
+    @classmethod
+    def checkpointed_module(cls, model: torch.nn.Module) -> torch.nn.Module:
+        return _unwrap(model).student
+
+    def build_train_loader(self, cfg):
+        joint = self.method.trains_on_all_seen
+        name = register_step_dataset(self.scenario, self.step, joint=joint)
+        train_classes = self.scenario.seen_classes(self.step) if joint else None
+        mapper = build_train_mapper(
+            cfg, name, label_map=self.scenario.label_map(self.step, train_classes)
+        )
+        dataset = get_detection_dataset_dicts([name], filter_empty=False)
+        return build_train_loader(cfg, dataset, mapper)
+
+    def build_hooks(self):
+        # Evaluation happens once per step in the runner, with the split evaluator.
+        result = [h for h in super().build_hooks() if not isinstance(h, hooks.EvalHook)]
+        if self.step > 0 and self.cfg.CONT.FREEZE_OLD_CLASSIFIER:
+            result.insert(
+                0,
+                FreezeOldClassesHook(
+                    _unwrap(self.model).student, self.scenario.num_seen(self.step - 1)
+                ),
+            )
+        return result
+
+    def resume_or_load(self, resume: bool = True):
+        """Resume this step from its last checkpoint (``resume`` and one exists); otherwise start
+        the step: step 0 from MODEL.WEIGHTS, later steps from the previous step's weights with the
+        classifier grown and the new classes initialised by the method."""
+        if resume and self.checkpointer.has_checkpoint():
+            super().resume_or_load(resume=True)
+            return
+        if self.step == 0:
+            super().resume_or_load(resume=False)
+            return
+        student = _unwrap(self.model).student
+        state = grow_classifier_state_dict(
+            self._previous_state, student.state_dict(), self.scenario.num_seen(self.step - 1)
+        )
+        student.load_state_dict(state)
+        self.method.init_new_classes(class_embed(student))
+        self.start_iter = 0
