@@ -5,6 +5,8 @@ A method decides, for one step of a scenario:
 * how the student's classification loss differs from Mask2Former's (:meth:`ContinualMethod.class_loss`);
 * how the classifier rows of the new classes start (:meth:`ContinualMethod.init_new_classes`);
 * which classes the step's targets keep (:attr:`ContinualMethod.trains_on_all_seen`);
+* whether the step continues from the previous step's model or trains a new one from the base
+  step's starting point and schedule (:attr:`ContinualMethod.offline`);
 * whether it needs the previous step's model (:attr:`ContinualMethod.needs_teacher`);
 * the training losses of a batch (:meth:`ContinualMethod.losses`), from a :class:`StepBatch`: the
   batch's images and targets, the student's and the teacher's predictions, and the student's
@@ -85,6 +87,9 @@ class ContinualMethod:
     needs_teacher: bool = False
     # Whether targets keep every class seen so far (joint training) or only the step's classes.
     trains_on_all_seen: bool = False
+    # Whether the step trains a new model from MODEL.WEIGHTS with the base step's schedule
+    # (SOLVER.MAX_ITER, SOLVER.BASE_LR) instead of continuing from the previous step's model.
+    offline: bool = False
 
     def __init__(self, cfg, scenario, step: int):
         """
@@ -114,6 +119,14 @@ class ContinualMethod:
     def losses(self, batch: StepBatch) -> Dict[str, Tensor]:
         """Weighted training losses of one batch (summed by the trainer)."""
         return batch.set_losses(batch.student.outputs, batch.targets)
+
+    def base_key(self) -> str:
+        """
+        What sets this method's base step (step 0) apart from fine-tuning's, as a string: methods
+        with equal keys (and equal model configs) train the same base model and may share it.
+        Default: the classification loss; a method whose step 0 differs otherwise overrides it.
+        """
+        return repr(self.class_loss())
 
     def extra_repr(self) -> str:
         return f"step={self.step}, old={self.num_old}, new={self.num_new}"

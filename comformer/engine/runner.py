@@ -22,6 +22,7 @@ from ..continual import build_continual_model, build_method
 from ..data.scenario import Scenario, build_scenario
 from ..evaluation.split_evaluator import SplitEvaluator
 from ..utils.io import AtomicDetectionCheckpointer, atomic_write_json, load_checkpoint_state
+from .bases import base_signature
 from .results import flatten_results, load_results, record_step, results_table
 from .step_config import step_config, step_dir, step_splits
 from .step_trainer import StepTrainer, check_checkpoint_classes
@@ -111,7 +112,7 @@ def run_scenario(cfg, resume: bool = False, eval_only: bool = False) -> List[Dic
                 os.path.join(cfg_t.OUTPUT_DIR, "model_final.pth")
             )
         elif step == 0 and cfg.CONT.BASE_WEIGHTS:
-            model = _adopt_base_weights(cfg_t, cfg.CONT.BASE_WEIGHTS, scenario)
+            model = _adopt_base_weights(cfg, cfg_t, cfg.CONT.BASE_WEIGHTS, scenario)
         else:
             trainer = StepTrainer(cfg_t, scenario, step, previous_weights=previous)
             trainer.resume_or_load(resume=resume)
@@ -131,6 +132,8 @@ def run_scenario(cfg, resume: bool = False, eval_only: bool = False) -> List[Dic
             }
             if cfg.INPUT.SKIP_BAD_SAMPLES and skipped is not None:
                 row["bad_samples_skipped"] = skipped
+            if step == 0:
+                row["base_signature"] = base_signature(cfg)
             rows = record_step(cfg.OUTPUT_DIR, row, title)
             visualize_step(cfg_t, model, scenario, step, cfg.CONT.VIS_IMAGES)
             atomic_write_json(os.path.join(cfg_t.OUTPUT_DIR, "done.json"), row)
@@ -143,8 +146,24 @@ def run_scenario(cfg, resume: bool = False, eval_only: bool = False) -> List[Dic
     return rows
 
 
-def _adopt_base_weights(cfg_t, weights: str, scenario: Scenario):
-    """Use a finished step-0 model (CONT.BASE_WEIGHTS) instead of training the base step."""
+def _adopt_base_weights(cfg, cfg_t, weights: str, scenario: Scenario):
+    """
+    Use a finished step-0 model (CONT.BASE_WEIGHTS) instead of training the base step. When the
+    checkpoint's folder says how it was trained (the runner's ``done.json``), that must be how
+    this run's method trains its base (:func:`~comformer.engine.bases.base_signature`).
+    """
+    done = os.path.join(os.path.dirname(os.path.abspath(weights)), "done.json")
+    if os.path.isfile(done):
+        with open(done) as f:
+            found = json.load(f).get("base_signature")
+        expected = base_signature(cfg)
+        if found is not None and found != expected:
+            raise ValueError(
+                f"CONT.BASE_WEIGHTS={weights!r} is a base trained another way (signature "
+                f"{found}) than method {cfg.CONT.METHOD!r} trains its base with this config "
+                f"({expected}): e.g. CoMFormer's base uses softmax masks and the focal loss. Train "
+                "this method's own base (leave CONT.BASE_WEIGHTS empty)"
+            )
     state = load_checkpoint_state(weights)
     check_checkpoint_classes(state, scenario.num_seen(0), weights)
     model = build_continual_model(cfg_t, scenario, 0)

@@ -4,6 +4,7 @@ rate, and the class groups its results are reported on."""
 import os
 from typing import Dict, List
 
+from ..continual import build_method
 from ..data.scenario import Scenario
 
 __all__ = ["step_dir", "step_iterations", "step_config", "step_splits"]
@@ -14,10 +15,17 @@ def step_dir(output_dir: str, step: int) -> str:
     return os.path.join(output_dir, f"step{step}")
 
 
+def _trains_offline(cfg, scenario: Scenario, step: int) -> bool:
+    """Whether the step trains like the base step: step 0, or a method that trains every step's
+    model anew (the joint upper bound)."""
+    return step == 0 or build_method(cfg, scenario, step).offline
+
+
 def step_iterations(cfg, scenario: Scenario, step: int) -> int:
-    """Iterations of ``step``: SOLVER.MAX_ITER for the base step; for increments CONT.INC_ITERS_PER_CLASS
-    x new classes, else CONT.INC_MAX_ITER, else SOLVER.MAX_ITER."""
-    if step == 0:
+    """Iterations of ``step``: SOLVER.MAX_ITER for the base step (and every step of an offline
+    method such as ``joint``); for increments CONT.INC_ITERS_PER_CLASS x new classes, else
+    CONT.INC_MAX_ITER, else SOLVER.MAX_ITER."""
+    if _trains_offline(cfg, scenario, step):
         return cfg.SOLVER.MAX_ITER
     if cfg.CONT.INC_ITERS_PER_CLASS > 0:
         return cfg.CONT.INC_ITERS_PER_CLASS * len(scenario.steps[step])
@@ -29,7 +37,9 @@ def step_iterations(cfg, scenario: Scenario, step: int) -> int:
 def step_config(cfg, scenario: Scenario, step: int):
     """
     The frozen config of one step: its folder, the classifier size (the classes seen so far,
-    ``MODEL.SEM_SEG_HEAD.NUM_CLASSES``), iterations and learning rate.
+    ``MODEL.SEM_SEG_HEAD.NUM_CLASSES``), iterations and learning rate. An increment continues from
+    the previous step (no MODEL.WEIGHTS, CONT.INC_BASE_LR); the base step and every step of an
+    offline method start from MODEL.WEIGHTS with the base schedule.
     """
     out = cfg.clone()
     out.defrost()
@@ -38,7 +48,7 @@ def step_config(cfg, scenario: Scenario, step: int):
     out.MODEL.SEM_SEG_HEAD.NUM_CLASSES = scenario.num_seen(step)
     out.SOLVER.MAX_ITER = step_iterations(cfg, scenario, step)
     out.SOLVER.WARMUP_ITERS = min(out.SOLVER.WARMUP_ITERS, out.SOLVER.MAX_ITER // 10)
-    if step > 0:
+    if not _trains_offline(cfg, scenario, step):
         if cfg.CONT.INC_BASE_LR > 0:
             out.SOLVER.BASE_LR = cfg.CONT.INC_BASE_LR
         out.MODEL.WEIGHTS = ""  # the previous step's weights are loaded by the trainer

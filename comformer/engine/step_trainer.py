@@ -80,7 +80,9 @@ class StepTrainer(Trainer):
         self.previous_weights = previous_weights
         self.method = build_method(cfg, scenario, step)
         self._previous_state = None
-        if step > 0:
+        # An offline method (joint) trains the step's model anew: no previous weights.
+        self.continues = step > 0 and not self.method.offline
+        if self.continues:
             if not previous_weights or not os.path.isfile(previous_weights):
                 raise FileNotFoundError(
                     f"step {step} of {scenario.task!r} starts from the previous step's final "
@@ -120,7 +122,7 @@ class StepTrainer(Trainer):
     def build_hooks(self):
         # Evaluation happens once per step in the runner, with the split evaluator.
         result = [h for h in super().build_hooks() if not isinstance(h, hooks.EvalHook)]
-        if self.step > 0 and self.cfg.CONT.FREEZE_OLD_CLASSIFIER:
+        if self.continues and self.cfg.CONT.FREEZE_OLD_CLASSIFIER:
             result.insert(
                 0,
                 FreezeOldClassesHook(
@@ -131,13 +133,14 @@ class StepTrainer(Trainer):
 
     def resume_or_load(self, resume: bool = True):
         """Resume this step from its last checkpoint (``resume`` and one exists); otherwise start
-        the step: step 0 from MODEL.WEIGHTS, later steps from the previous step's weights with the
-        classifier grown and the new classes initialised by the method."""
+        the step: step 0 (and every step of an offline method) from MODEL.WEIGHTS, later steps
+        from the previous step's weights with the classifier grown and the new classes
+        initialised by the method."""
         if resume and self.checkpointer.has_checkpoint():
             super().resume_or_load(resume=True)
             return
-        if self.step == 0:
-            super().resume_or_load(resume=False)
+        if not self.continues:
+            super().resume_or_load(resume=False)  # MODEL.WEIGHTS, as the base step
             return
         student = _unwrap(self.model).student
         state = grow_classifier_state_dict(

@@ -47,6 +47,7 @@ __all__ = [
     "Trainer",
     "build_optimizer",
     "setup_cfg",
+    "load_config",
     "apply_determinism",
     "NonFiniteLossError",
     "check_finite_losses",
@@ -338,16 +339,25 @@ class Trainer(DefaultTrainer):
         return build_evaluator(cfg, dataset_name, output_folder)
 
 
-def setup_cfg(args):
-    """Config from ``args.config_file`` and ``args.opts`` on top of detectron2's, DeepLab's (poly
-    schedule) and comformer's defaults; frozen, with detectron2's default_setup (logging, seed)."""
+def load_config(config_file: str, opts=()):
+    """
+    A config from ``config_file`` and ``opts`` (KEY VALUE pairs) on top of detectron2's,
+    DeepLab's (poly schedule) and comformer's defaults; not frozen, no logging set up.
+    """
     cfg = get_cfg()
     add_deeplab_config(cfg)
     add_comformer_config(cfg)
     # detectron2 reads yaml with unsafe_load by default, running any !!python tag in the file;
     # comformer's configs need none, so a config is read like untrusted data.
-    cfg.merge_from_file(args.config_file, allow_unsafe=False)
-    cfg.merge_from_list(args.opts)
+    cfg.merge_from_file(config_file, allow_unsafe=False)
+    cfg.merge_from_list(list(opts))
+    return cfg
+
+
+def setup_cfg(args):
+    """:func:`load_config` of ``args.config_file`` and ``args.opts``, frozen, with detectron2's
+    default_setup (logging, seed)."""
+    cfg = load_config(args.config_file, args.opts)
     if cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith("cuda"):
         # autocast on CPU is slow and not what the papers trained with: AMP is a CUDA-only option.
         logger.warning(
