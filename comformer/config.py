@@ -166,7 +166,7 @@ def add_comformer_config(cfg: CN) -> None:
     cfg.CONT.COMFORMER.FOCAL_GAMMA = 1.0
     # Unbiased distillation (False: the new classes are dropped from the student's distribution).
     cfg.CONT.COMFORMER.UNBIASED_KD = True
-    # Distillation weight; < 0: chosen by CONT.TASK (KD_WEIGHT_BY_TASK in continual/comformer.py).
+    # Distillation weight; < 0: by dataset, kind and task (SETTING_DEFAULTS in continual/defaults.py).
     cfg.CONT.COMFORMER.KD_WEIGHT = -1.0
     # Weigh each query's distillation by (1 - teacher's no-object probability)^2.
     cfg.CONT.COMFORMER.KD_REWEIGHT = True

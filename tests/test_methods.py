@@ -20,7 +20,7 @@ from comformer.continual import (
     class_embed,
     grow_classifier_state_dict,
 )
-from comformer.continual.comformer import comformer_kd_weight
+from comformer.continual.defaults import setting_default
 from comformer.continual.losses import (
     ClassificationLoss,
     classification_loss,
@@ -352,8 +352,12 @@ def test_method_defaults_and_config_errors():
     cfg = _cfg("CONT.METHOD", "comformer", "MODEL.MASK_FORMER.MASK_ACTIVATION", "softmax")
     method = build_method(cfg, build_scenario(cfg), 1)
     assert type(method).__name__ == "CoMFormer" and method.kd_weight == 10.0
-    assert comformer_kd_weight(-1, "100-50") == 5.0 and comformer_kd_weight(-1, "100-5") == 10.0
-    assert comformer_kd_weight(3.0, "100-50") == 3.0
+    key = "CONT.COMFORMER.KD_WEIGHT"
+    assert setting_default(key, -1, "ade20k_panoptic_train", "100-50") == 5.0
+    assert setting_default(key, -1, "ade20k_semantic_train", "100-50") == 0.5
+    assert setting_default(key, -1, "ade20k_semantic_train", "100-5") == 10.0
+    assert setting_default(key, -1, "ade20k_panoptic_train", "50-50") == 10.0  # fallback
+    assert setting_default(key, 3.0, "ade20k_panoptic_train", "100-50") == 3.0
 
     cfg = _cfg("CONT.METHOD", "comformer")  # sigmoid masks
     with pytest.raises(ValueError, match="MASK_ACTIVATION='sigmoid'"):

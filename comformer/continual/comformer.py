@@ -11,7 +11,7 @@ Components, each with its switch under ``CONT.COMFORMER``:
 * adaptive distillation: the unbiased distillation (``UNBIASED_KD``) of every query of the last
   layer (and of the auxiliary layers with ``KD_AUX``) from the same query of the teacher, each
   query weighted by ``(1 - p_teacher(no-object))^2`` (``KD_REWEIGHT``), weighted by
-  ``KD_WEIGHT`` (< 0: from :data:`KD_WEIGHT_BY_TASK`).
+  ``KD_WEIGHT`` (< 0: by setting, see :mod:`comformer.continual.defaults`).
 * ``PSEUDO_LABELS``: the teacher's mask-based pseudo-labels join the ground truth before matching
   (:func:`~comformer.continual.pseudo_labels.mask_pseudo_labels`).
 """
@@ -20,26 +20,15 @@ from typing import Dict, Optional
 
 import torch
 
+from .defaults import setting_default
 from .losses import ClassificationLoss, distillation_loss
 from .method import METHOD_REGISTRY, ContinualMethod, StepBatch
 from .pseudo_labels import with_teacher_pseudo_labels
 
-__all__ = ["CoMFormer", "KD_WEIGHT_BY_TASK", "DEFAULT_KD_WEIGHT", "comformer_kd_weight"]
+__all__ = ["CoMFormer"]
 
-# Distillation weight per task when CONT.COMFORMER.KD_WEIGHT < 0, as CoMFormer's public scripts
-# set it (ADE20K panoptic 100-50: 5; panoptic and semantic 100-10 and 100-5: 10).
-KD_WEIGHT_BY_TASK: Dict[str, float] = {"100-50": 5.0, "100-10": 10.0, "100-5": 10.0}
-# Any other task (custom class lists, the synthetic scenarios, ...) uses the multi-step value.
-DEFAULT_KD_WEIGHT = 10.0
 # Exponent of the adaptive distillation weights (1 - p_no-object)^gamma.
 KD_REWEIGHT_GAMMA = 2.0
-
-
-def comformer_kd_weight(value: float, task: str) -> float:
-    """``value`` when >= 0, else the weight of ``task`` in :data:`KD_WEIGHT_BY_TASK`."""
-    if value >= 0:
-        return float(value)
-    return KD_WEIGHT_BY_TASK.get(task, DEFAULT_KD_WEIGHT)
 
 
 @METHOD_REGISTRY.register()
@@ -75,7 +64,9 @@ class CoMFormer(ContinualMethod):
         self.focal_alpha = float(c.FOCAL_ALPHA)
         self.focal_gamma = float(c.FOCAL_GAMMA)
         self.unbiased_kd = bool(c.UNBIASED_KD)
-        self.kd_weight = comformer_kd_weight(c.KD_WEIGHT, scenario.task)
+        self.kd_weight = setting_default(
+            "CONT.COMFORMER.KD_WEIGHT", c.KD_WEIGHT, scenario.dataset, scenario.task
+        )
         self.kd_reweight = bool(c.KD_REWEIGHT)
         self.kd_aux = bool(c.KD_AUX)
         self.kd_temperature = float(c.KD_TEMPERATURE)
