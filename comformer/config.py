@@ -70,6 +70,10 @@ def add_comformer_config(cfg: CN) -> None:
     cfg.MODEL.MASK_FORMER.TEST.OVERLAP_THRESHOLD = 0.8
     # Post-process semantic output before resizing it back to the input size.
     cfg.MODEL.MASK_FORMER.TEST.SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE = False
+    # -1: Mask2Former's semantic inference. c >= 0: the dataset's background class c is no-object
+    # for the model; pixels outside every panoptic-style segment are c (CoMFormer's inference on
+    # datasets with a background class). Continual steps set it (CONT.BACKGROUND).
+    cfg.MODEL.MASK_FORMER.TEST.SEMANTIC_BACKGROUND_CLASS = -1
 
     # ---------------------------------------------------------------- pixel decoder
     # (cfg.MODEL.SEM_SEG_HEAD exists in detectron2; these keys extend it.)
@@ -127,6 +131,13 @@ def add_comformer_config(cfg: CN) -> None:
     cfg.CONT.STEP = -1
     # Continual method, by name in the method registry (ft, joint, ...).
     cfg.CONT.METHOD = "ft"
+    # On a dataset with a background class (metadata background_class, e.g. VOC): "class": the
+    # background is a class of the model, learned at step 0, and the pixels of old and future
+    # classes are labelled background (MiB's convention, per-pixel heads); "no-object": the model
+    # does not predict it, its pixels and those of other steps' classes have no target, and
+    # semantic inference calls uncovered pixels background (CoMFormer's convention for mask
+    # classification); "auto": "class" for a per-pixel head, else "no-object".
+    cfg.CONT.BACKGROUND = "auto"
     # Iterations of an incremental step: INC_ITERS_PER_CLASS x new classes when > 0, else INC_MAX_ITER,
     # else SOLVER.MAX_ITER (which always sets the base step's iterations).
     cfg.CONT.INC_ITERS_PER_CLASS = 0

@@ -135,12 +135,24 @@ def test_label_maps_remove_other_steps_and_follow_the_order():
     np.testing.assert_array_equal(s.label_map(1, s.seen_classes(1)), [r, r, 3, 2, 1, 0])
 
 
-def test_background_class_stays_in_every_step():
+def test_background_class_stays_in_every_step_when_it_is_a_class():
     ds = _register("scen_bg", RECORDS, background=0)
-    s = build_scenario(_cfg(ds, TASK="3-1"))  # 5 foreground classes: 3 base, then 1 + 1
-    assert s.steps == ((0, 1, 2, 3), (4,), (5,))
+    s = build_scenario(_cfg(ds, TASK="3-1", BACKGROUND="class"))  # 5 fg classes: 3, then 1 + 1
+    assert s.steps == ((0, 1, 2, 3), (4,), (5,)) and s.has_bg_class
     # old and future classes look like background (MiB), the background keeps its label
     np.testing.assert_array_equal(s.label_map(1), [0, 0, 0, 0, 4, 0])
+    assert s.evaluated_classes(1) == s.seen_classes(1)
+
+
+def test_background_is_no_object_for_mask_classification_by_default():
+    ds = _register("scen_bg", RECORDS, background=0)
+    s = build_scenario(_cfg(ds, TASK="3-1"))
+    assert s.steps == ((1, 2, 3), (4,), (5,)) and not s.has_bg_class
+    r = REMOVED
+    # the background and the other steps' classes have no target
+    np.testing.assert_array_equal(s.label_map(1), [r, r, r, r, 3, r])
+    assert s.evaluated_classes(1) == (0, 1, 2, 3, 4)
+    assert s.signature()["background"] == "no-object"
 
 
 def test_step_dataset_registered_with_full_label_space_metadata():

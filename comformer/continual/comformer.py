@@ -36,6 +36,7 @@ class CoMFormer(ContinualMethod):
     """CoMFormer: softmax masks, focal loss, adaptive unbiased distillation, pseudo-labels."""
 
     needs_teacher = True
+    reasons_about_old_classes = True
 
     def __init__(self, cfg, scenario, step: int):
         super().__init__(cfg, scenario, step)

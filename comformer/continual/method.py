@@ -90,6 +90,11 @@ class ContinualMethod:
     # Whether the step trains a new model from MODEL.WEIGHTS with the base step's schedule
     # (SOLVER.MAX_ITER, SOLVER.BASE_LR) instead of continuing from the previous step's model.
     offline: bool = False
+    # Whether the method reasons about where old classes hide in the step's images (unbiased
+    # losses, distillation, pseudo-labels). On a dataset with a background class, a mask
+    # classification model must then treat the background as no-object (CONT.BACKGROUND), so that
+    # old-class pixels are unlabelled rather than labelled background.
+    reasons_about_old_classes: bool = False
 
     def __init__(self, cfg, scenario, step: int):
         """
@@ -103,6 +108,16 @@ class ContinualMethod:
         self.step = step
         self.num_old = scenario.num_seen(step - 1) if step > 0 else 0
         self.num_new = len(scenario.steps[step])
+        per_pixel = bool(cfg.MODEL.MASK_FORMER.get("PER_PIXEL", False))
+        if self.reasons_about_old_classes and scenario.has_bg_class and not per_pixel:
+            raise ValueError(
+                f"CONT.METHOD={cfg.CONT.METHOD!r} on {scenario.dataset!r}, whose background class "
+                "is a class of this mask classification model (CONT.BACKGROUND "
+                f"{cfg.CONT.BACKGROUND!r}): old classes would be labelled background, where the "
+                "method's unbiased losses and pseudo-labels cannot reach them. Use CONT.BACKGROUND "
+                "'auto' or 'no-object' (CoMFormer's convention), or a per-pixel head "
+                "(MODEL.MASK_FORMER.PER_PIXEL, MiB's convention)"
+            )
 
     def class_loss(self) -> Optional[ClassLoss]:
         """The student's classification loss, ``f(logits, target_classes, class_weight)``

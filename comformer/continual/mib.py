@@ -57,6 +57,7 @@ class MiB(ContinualMethod):
     """MiB: unbiased cross-entropy and distillation, new classes initialised from no-object."""
 
     needs_teacher = True
+    reasons_about_old_classes = True
 
     def __init__(self, cfg, scenario, step: int):
         super().__init__(cfg, scenario, step)

@@ -92,6 +92,7 @@ class PLOP(ContinualMethod):
     """PLOP: local POD on backbone and pixel-decoder features, plus pseudo-labels."""
 
     needs_teacher = True
+    reasons_about_old_classes = True
 
     def __init__(self, cfg, scenario, step: int):
         super().__init__(cfg, scenario, step)

@@ -98,11 +98,16 @@ class Scenario:
         dataset: the training dataset the steps filter (e.g. "ade20k_panoptic_train").
         task: the task's name ("100-10", or "custom" for explicit class lists).
         steps: class ids learned at each step, in class order. A background class, when the dataset
-            has one, is part of step 0 and stays a target in every step.
+            has one and it is a class of the model (``background_is_class``), is part of step 0
+            and stays a target in every step; otherwise it is in no step (it is no-object).
         num_classes: K, classes of the dataset.
         mode: "overlap" (images of step t may show future classes, unlabelled) or "disjoint"
             (images showing future classes are left out).
         background: the dataset's background class id, or -1.
+        background_is_class: with a background class: True, the model predicts it and the pixels
+            of other steps' classes are labelled background (MiB's convention); False, it is
+            no-object for the model, its pixels and other steps' pixels have no target, and it is
+            still evaluated (:meth:`evaluated_classes`; CoMFormer's convention for masks).
     """
 
     dataset: str
@@ -111,6 +116,7 @@ class Scenario:
     num_classes: int
     mode: str = "overlap"
     background: int = -1
+    background_is_class: bool = True
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -127,17 +133,28 @@ class Scenario:
         dup = sorted({c for c in flat if flat.count(c) > 1})
         if dup:
             raise ValueError(f"scenario {self.task!r}: class ids {dup} appear in more than one step")
-        if sorted(flat) != list(range(self.num_classes)):
-            missing = sorted(set(range(self.num_classes)) - set(flat))
+        learned = [c for c in range(self.num_classes) if c != self.background or self.has_bg_class]
+        if sorted(flat) != learned:
+            missing = sorted(set(learned) - set(flat))
             raise ValueError(
                 f"scenario {self.task!r}: the steps must cover all {self.num_classes} classes of "
                 f"{self.dataset!r}; missing: {missing}"
             )
-        if self.background >= 0 and self.background not in self.steps[0]:
+        if self.has_bg_class and self.background not in self.steps[0]:
             raise ValueError(
                 f"scenario {self.task!r}: the background class {self.background} must be learned "
                 "in step 0"
             )
+        if self.background >= 0 and not self.has_bg_class and self.background in flat:
+            raise ValueError(
+                f"scenario {self.task!r}: the background class {self.background} is no-object "
+                "(CONT.BACKGROUND no-object) and cannot be learned in a step"
+            )
+
+    @property
+    def has_bg_class(self) -> bool:
+        """Whether the dataset has a background class and the model predicts it."""
+        return self.background >= 0 and self.background_is_class
 
     @property
     def num_steps(self) -> int:
@@ -164,6 +181,14 @@ class Scenario:
     def num_seen(self, step: int) -> int:
         return len(self.seen_classes(step))
 
+    def evaluated_classes(self, step: int) -> Tuple[int, ...]:
+        """Class ids evaluated after ``step``: the seen classes, and the background when the model
+        treats it as no-object (inference then labels uncovered pixels background)."""
+        seen = self.seen_classes(step)
+        if self.background >= 0 and not self.background_is_class:
+            return (self.background,) + seen
+        return seen
+
     def old_classes(self, step: int) -> Tuple[int, ...]:
         """Classes learned before ``step``."""
         return self.seen_classes(step - 1) if step > 0 else ()
@@ -183,15 +208,17 @@ class Scenario:
 
         Returns:
             (K,) int64: the model index of each kept class; every other class maps to the background's
-            model index when the dataset has a background class (MiB's convention: old and future
+            model index when the model has a background class (MiB's convention: old and future
             classes look like background), else to ``REMOVED`` (no target: the pixels are left to
-            no-object, Mask2Former's convention).
+            no-object, Mask2Former's convention; the background too when it is no-object).
         """
         keep = set(self.steps[self.check_step(step)] if train_classes is None else train_classes)
-        if self.background >= 0:
+        if self.has_bg_class:
             keep.add(self.background)
+        keep.discard(-1)
         index = {c: i for i, c in enumerate(self.order)}
-        fill = index[self.background] if self.background >= 0 else REMOVED
+        keep = {c for c in keep if c in index}  # a no-object background has no model index
+        fill = index[self.background] if self.has_bg_class else REMOVED
         out = np.full(self.num_classes, fill, dtype=np.int64)
         for c in keep:
             out[c] = index[c]
@@ -220,12 +247,15 @@ class Scenario:
 
     def signature(self) -> Dict:
         """What identifies the scenario (stored with results; a different one may not resume)."""
-        return {
+        out = {
             "dataset": self.dataset,
             "task": self.task,
             "mode": self.mode,
             "steps": [list(s) for s in self.steps],
         }
+        if self.background >= 0:
+            out["background"] = "class" if self.background_is_class else "no-object"
+        return out
 
     @property
     def tag(self) -> str:
@@ -233,20 +263,25 @@ class Scenario:
         parts = [self.task]
         if self.mode != "overlap":
             parts.append(self.mode)
-        default = _default_steps(self.num_classes, [len(s) for s in self.steps], self.background)
+        default = _default_steps(
+            self.num_classes, [len(s) for s in self.steps], self.background, self.has_bg_class
+        )
         if [list(s) for s in self.steps] != default:
             digest = hashlib.sha1(json.dumps(self.signature()["steps"]).encode()).hexdigest()[:8]
             parts.append(f"ord{digest}")
         return "_".join(parts)
 
 
-def _default_steps(num_classes: int, sizes: Sequence[int], background: int) -> List[List[int]]:
+def _default_steps(
+    num_classes: int, sizes: Sequence[int], background: int, with_background: bool = True
+) -> List[List[int]]:
     classes = [c for c in range(num_classes) if c != background]
+    prepend = background >= 0 and with_background
     steps, start = [], 0
     for i, n in enumerate(sizes):
-        n_fg = n - 1 if (i == 0 and background >= 0) else n
+        n_fg = n - 1 if (i == 0 and prepend) else n
         step = classes[start : start + n_fg]
-        if i == 0 and background >= 0:
+        if i == 0 and prepend:
             step = [background] + step
         steps.append(step)
         start += n_fg
@@ -292,6 +327,30 @@ def _class_order(cont, num_classes: int, background: int) -> List[int]:
     return order
 
 
+BACKGROUND_MODES = ("auto", "class", "no-object")
+
+
+def _background_is_class(cfg, dataset: str, background: int) -> bool:
+    """CONT.BACKGROUND resolved for the model of ``cfg`` (see comformer/config.py)."""
+    mode = cfg.CONT.BACKGROUND
+    if mode not in BACKGROUND_MODES:
+        raise ValueError(
+            f"CONT.BACKGROUND={mode!r} is not valid; valid: {', '.join(BACKGROUND_MODES)}"
+        )
+    per_pixel = bool(cfg.MODEL.MASK_FORMER.get("PER_PIXEL", False))
+    if per_pixel and mode == "no-object":
+        raise ValueError(
+            "CONT.BACKGROUND='no-object' with MODEL.MASK_FORMER.PER_PIXEL True: a per-pixel "
+            "classifier gives every pixel a class, so the background must be one ('class' or "
+            "'auto')"
+        )
+    if background < 0:
+        return True  # no background class: the setting has no effect
+    if mode == "auto":
+        return per_pixel
+    return mode == "class"
+
+
 def build_scenario(cfg, dataset: Optional[str] = None) -> Optional[Scenario]:
     """
     The scenario a config describes, validated, or None when the config is not continual.
@@ -316,6 +375,7 @@ def build_scenario(cfg, dataset: Optional[str] = None) -> Optional[Scenario]:
         )
     num_classes = len(classes)
     background = int(meta.get("background_class", -1))
+    background_is_class = _background_is_class(cfg, dataset, background)
     if cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES != num_classes:
         raise ValueError(
             f"MODEL.SEM_SEG_HEAD.NUM_CLASSES={cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES} but {dataset!r} "
@@ -324,8 +384,10 @@ def build_scenario(cfg, dataset: Optional[str] = None) -> Optional[Scenario]:
         )
     if cont.STEP_CLASSES:
         steps = [[int(c) for c in step] for step in cont.STEP_CLASSES]
-        if background >= 0 and background not in steps[0]:
+        if background >= 0 and background_is_class and background not in steps[0]:
             steps[0] = [background] + steps[0]
+        if background >= 0 and not background_is_class:
+            steps = [[c for c in step if c != background] for step in steps]
         task = "custom"
         if cont.ORDER or cont.ORDER_FILE or cont.ORDER_SEED >= 0:
             raise ValueError("CONT.STEP_CLASSES already fixes the class order; unset CONT.ORDER*")
@@ -334,7 +396,8 @@ def build_scenario(cfg, dataset: Optional[str] = None) -> Optional[Scenario]:
         order = _class_order(cont, num_classes, background)
         steps, start = [], 0
         for i, n in enumerate(sizes):
-            steps.append(([background] if i == 0 and background >= 0 else []) + order[start : start + n])
+            first = [background] if i == 0 and background >= 0 and background_is_class else []
+            steps.append(first + order[start : start + n])
             start += n
         task = cont.TASK
     scenario = Scenario(
@@ -344,6 +407,7 @@ def build_scenario(cfg, dataset: Optional[str] = None) -> Optional[Scenario]:
         num_classes=num_classes,
         mode=cont.MODE,
         background=background,
+        background_is_class=background_is_class,
     )
     if cont.STEP >= 0:
         scenario.check_step(cont.STEP)

@@ -42,7 +42,7 @@ def evaluate_step(cfg, model, scenario: Scenario, step: int) -> Dict:
     panoptic = mf.PANOPTIC_ON and meta.get("evaluator_type") == "coco_panoptic_seg"
     evaluator = SplitEvaluator(
         dataset,
-        seen_classes=scenario.seen_classes(step),
+        seen_classes=scenario.evaluated_classes(step),
         splits=step_splits(scenario, step),
         panoptic=panoptic,
         semantic=mf.SEMANTIC_ON,

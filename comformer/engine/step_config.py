@@ -46,6 +46,9 @@ def step_config(cfg, scenario: Scenario, step: int):
     out.CONT.STEP = scenario.check_step(step)
     out.OUTPUT_DIR = step_dir(cfg.OUTPUT_DIR, step)
     out.MODEL.SEM_SEG_HEAD.NUM_CLASSES = scenario.num_seen(step)
+    if scenario.background >= 0 and not scenario.background_is_class:
+        # the model has no background class: uncovered pixels are background
+        out.MODEL.MASK_FORMER.TEST.SEMANTIC_BACKGROUND_CLASS = scenario.background
     out.SOLVER.MAX_ITER = step_iterations(cfg, scenario, step)
     out.SOLVER.WARMUP_ITERS = min(out.SOLVER.WARMUP_ITERS, out.SOLVER.MAX_ITER // 10)
     if not _trains_offline(cfg, scenario, step):
@@ -59,10 +62,14 @@ def step_config(cfg, scenario: Scenario, step: int):
 
 
 def step_splits(scenario: Scenario, step: int) -> Dict[str, List[int]]:
-    """Class groups reported after ``step``: old (base step), new (all later steps), each step."""
-    splits = {"old": list(scenario.steps[0])}
+    """Class groups reported after ``step``: old (base step), new (all later steps), each step.
+    A background that is no-object for the model is still an old class (as in MiB's tables)."""
+    base = list(scenario.steps[0])
+    if scenario.background >= 0 and not scenario.background_is_class:
+        base = [scenario.background] + base
+    splits = {"old": base}
     if step > 0:
         splits["new"] = [c for s in scenario.steps[1 : step + 1] for c in s]
     for i in range(step + 1):
-        splits[f"step{i}"] = list(scenario.steps[i])
+        splits[f"step{i}"] = base if i == 0 else list(scenario.steps[i])
     return splits

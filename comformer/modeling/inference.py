@@ -18,6 +18,7 @@ __all__ = [
     "MASK_ACTIVATIONS",
     "mask_probabilities",
     "semantic_inference",
+    "semantic_inference_with_background",
     "panoptic_inference",
     "panoptic_inference_reference",
     "instance_inference",
@@ -262,3 +263,47 @@ def instance_inference(
     result.scores = scores_per_image * mask_scores
     result.pred_classes = labels_per_image
     return result
+
+
+def semantic_inference_with_background(
+    mask_cls: torch.Tensor,
+    mask_pred: torch.Tensor,
+    *,
+    background_class: int,
+    object_mask_threshold: float,
+    overlap_threshold: float,
+    mask_activation: str = "sigmoid",
+) -> torch.Tensor:
+    """
+    Semantic segmentation for a dataset with a background class that the model does not predict
+    (it is no-object), as CoMFormer's code infers on such datasets: the segments of
+    :func:`panoptic_inference` (same thresholds) give their pixels their class; every other pixel
+    is background.
+
+    Args:
+        mask_cls: (Q, K+1) class logits; entry ``background_class`` is never chosen in practice
+            (the model has no such class: its logit is -inf).
+        mask_pred: (Q, H, W) mask logits.
+        background_class: the class of pixels no segment covers, in [0, K).
+        object_mask_threshold, overlap_threshold, mask_activation: as :func:`panoptic_inference`.
+
+    Returns:
+        (K, H, W) one-hot scores.
+    """
+    num_classes = mask_cls.shape[-1] - 1
+    if not 0 <= background_class < num_classes:
+        raise ValueError(f"background_class={background_class} is not in [0, {num_classes})")
+    segments, infos = panoptic_inference(
+        mask_cls,
+        mask_pred,
+        thing_ids=set(),
+        object_mask_threshold=object_mask_threshold,
+        overlap_threshold=overlap_threshold,
+        mask_activation=mask_activation,
+    )
+    # class of each segment id (0 = no segment: background)
+    lut = torch.full((len(infos) + 1,), background_class, dtype=torch.int64, device=mask_pred.device)
+    for info in infos:
+        lut[info["id"]] = info["category_id"]
+    labels = lut[segments.long()]
+    return F.one_hot(labels, num_classes).permute(2, 0, 1).to(mask_pred.dtype)

@@ -17,7 +17,13 @@ from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
 
 from .criterion import SetCriterion
-from .inference import MASK_ACTIVATIONS, instance_inference, panoptic_inference, semantic_inference
+from .inference import (
+    MASK_ACTIVATIONS,
+    instance_inference,
+    panoptic_inference,
+    semantic_inference,
+    semantic_inference_with_background,
+)
 
 __all__ = ["MaskFormer"]
 
@@ -52,6 +58,7 @@ class MaskFormer(nn.Module):
         instance_on: bool,
         test_topk_per_image: int,
         mask_activation: str = "sigmoid",
+        semantic_background_class: int = -1,
     ):
         """
         Args:
@@ -68,6 +75,11 @@ class MaskFormer(nn.Module):
             semantic_on, panoptic_on, instance_on: which outputs inference produces.
             test_topk_per_image: instances kept per image.
             mask_activation: "sigmoid" or "softmax" (across queries) at inference.
+            semantic_background_class: -1: Mask2Former's semantic inference (class times mask
+                probabilities summed over queries); c >= 0: the dataset has a background class c
+                that the model does not predict (it is no-object): pixels take the class of the
+                panoptic-style segment covering them, the others c
+                (:func:`semantic_inference_with_background`, as CoMFormer's code on such data).
         """
         super().__init__()
         if mask_activation not in MASK_ACTIVATIONS:
@@ -93,6 +105,10 @@ class MaskFormer(nn.Module):
         self.panoptic_on = panoptic_on
         self.test_topk_per_image = test_topk_per_image
         self.mask_activation = mask_activation
+        self.semantic_background_class = semantic_background_class
+        if semantic_background_class >= 0:
+            # segments need full-resolution masks
+            self.sem_seg_postprocess_before_inference = True
         if not self.semantic_on and (self.panoptic_on or self.instance_on):
             # panoptic/instance inference needs full-resolution masks
             self.sem_seg_postprocess_before_inference = True
@@ -123,6 +139,7 @@ class MaskFormer(nn.Module):
             "panoptic_on": mf.TEST.PANOPTIC_ON,
             "test_topk_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
             "mask_activation": mf.MASK_ACTIVATION,
+            "semantic_background_class": mf.TEST.SEMANTIC_BACKGROUND_CLASS,
         }
 
     @property
@@ -215,7 +232,17 @@ class MaskFormer(nn.Module):
                 mask_pred = sem_seg_postprocess(mask_pred, image_size, height, width)
                 mask_cls = mask_cls.to(mask_pred)
 
-            if self.semantic_on:
+            if self.semantic_on and self.semantic_background_class >= 0:
+                sem_seg = semantic_inference_with_background(
+                    mask_cls,
+                    mask_pred,
+                    background_class=self.semantic_background_class,
+                    object_mask_threshold=self.object_mask_threshold,
+                    overlap_threshold=self.overlap_threshold,
+                    mask_activation=self.mask_activation,
+                )
+                result["sem_seg"] = sem_seg
+            elif self.semantic_on:
                 sem_seg = semantic_inference(mask_cls, mask_pred, self.mask_activation)
                 if not self.sem_seg_postprocess_before_inference:
                     sem_seg = sem_seg_postprocess(sem_seg, image_size, height, width)
