@@ -359,8 +359,9 @@ class D2SwinTransformer(Backbone):
     ``norm{i}``. Any input size works: inputs are padded to the patch size, feature maps to the
     window size and to even sizes before merging, and outputs cropped back.
 
-    All four stages are always built so that checkpoints load whatever OUT_FEATURES says; stages
-    after the last requested one are skipped in ``forward`` (their parameters get no gradient).
+    All four stages and their norms are always built so that checkpoints load whatever
+    OUT_FEATURES says; stages after the last requested one are skipped in ``forward`` (their
+    parameters, and the norms of stages not returned, get no gradient).
     """
 
     @configurable
@@ -474,8 +475,10 @@ class D2SwinTransformer(Backbone):
         self._out_feature_channels = {
             name: dims[i] for i, name in enumerate(_STAGE_NAMES) if name in out_features
         }
-        for i in self._out_indices:
-            self.add_module(f"norm{i}", nn.LayerNorm(dims[i]))
+        # Like the stages, a norm for every stage whatever OUT_FEATURES says: Mask2Former's state
+        # dict always has norm0..norm3.
+        for i, dim in enumerate(dims):
+            self.add_module(f"norm{i}", nn.LayerNorm(dim))
         self._size_divisibility = patch_size * 2 ** (len(depths) - 1)
         self.apply(self._init_weights)
 
