@@ -220,6 +220,26 @@ def test_semantic_inference(parity):
         _assert_close(ours["sem_seg"], ref["sem_seg"], f"image {i} sem_seg")
 
 
+def test_semantic_inference_alone(parity):
+    """With panoptic and instance inference off, semantic inference runs before the resize."""
+    reference = parity["reference"].get("semantic_only")
+    if reference is None:
+        pytest.skip(f"{parity['name']}: no semantic-only reference (same code path as parity_r50)")
+    cfg = parity["cfg"].clone()
+    cfg.defrost()
+    cfg.MODEL.MASK_FORMER.TEST.PANOPTIC_ON = False
+    cfg.MODEL.MASK_FORMER.TEST.INSTANCE_ON = False
+    model = build_model(cfg)
+    model.load_state_dict(parity["weights"], strict=True)
+    model.eval()
+    assert not model.sem_seg_postprocess_before_inference
+    with torch.no_grad():
+        results = model([dict(x) for x in parity["reference"]["inputs"]])
+    for i, (ours, ref) in enumerate(zip(results, reference)):
+        assert sorted(ours) == ["sem_seg"]
+        _assert_close(ours["sem_seg"], ref, f"image {i} sem_seg (semantic only)")
+
+
 def test_panoptic_inference(parity):
     reference = parity["reference"]["results"]
     # The reference is meant to exercise panoptic inference: segments are kept and rejected.

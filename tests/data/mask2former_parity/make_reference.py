@@ -12,32 +12,33 @@ output of the official model in eval mode). README.md says how the committed fil
 This script never imports comformer, and comformer never imports Mask2Former: both register
 ``MaskFormer``/``MaskFormerHead``/... in detectron2's registries, so they cannot share a process.
 
-Two things are stubbed because the official code needs them but they are not installed:
+What the official code imports but is not installed here is stubbed, in this process only (the
+checkout is not modified):
 - ``MultiScaleDeformableAttention``, the compiled CUDA op: the module is stubbed so the import
   succeeds, and ``MSDeformAttnFunction`` is replaced by a call to the official pure-PyTorch
   ``ms_deform_attn_core_pytorch`` (what the official code falls back to on CPU anyway, through a
   bare ``except:``; calling it directly makes the path explicit).
 - ``timm`` (used by the official Swin only): ``DropPath`` (identity in eval mode; the real one is
   only active in training), ``to_2tuple`` and ``trunc_normal_`` (torch's, same signature).
-The package ``mask2former/__init__.py`` is bypassed (it imports datasets, mappers and evaluators);
+And the package's ``mask2former/__init__.py`` is bypassed (it imports datasets, mappers and evaluators);
 ``mask2former.config``, ``mask2former.modeling`` and ``mask2former.maskformer_model`` are imported
 as they are.
 """
 
 import argparse
 import collections.abc
-import os
 import subprocess
 import sys
 import types
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = ("parity_r50", "parity_swin")
+# Configs also run with semantic inference only (the code path does not depend on the backbone).
+SEMANTIC_ONLY = ("parity_r50",)
 SEED = 20240601
 DATASET = "mask2former_parity"
 # Dataset id -> contiguous id of the thing classes: 0 and 1 are things, 2, 3 and 4 stuff.
@@ -48,8 +49,8 @@ IMAGES = (((64, 64), None), ((58, 90), (72, 112)))
 # After random initialisation the class logits are scaled by this and the no-object logit lowered
 # by NO_OBJECT_SHIFT, so that class scores spread enough for panoptic inference to keep some
 # queries and reject others.
-CLASS_LOGIT_SCALE = float(os.environ.get("CLS_SCALE", 6.0))
-NO_OBJECT_SHIFT = float(os.environ.get("NO_OBJ", 3.0))
+CLASS_LOGIT_SCALE = 6.0
+NO_OBJECT_SHIFT = 3.0
 
 
 def _stub_missing_modules(repo: Path) -> None:
@@ -182,9 +183,7 @@ def _capture(model, backbone: bool):
         return mask_features, encoder_features, multi_scale
 
     pixel_decoder.forward_features = recorded_forward_features
-    model.sem_seg_head.register_forward_hook(
-        lambda m, args, out: record.__setitem__("head", out)
-    )
+    model.sem_seg_head.register_forward_hook(lambda m, args, out: record.__setitem__("head", out))
     return record
 
 
@@ -206,6 +205,24 @@ def _results(processed):
             }
         )
     return results
+
+
+def _semantic_only(cfg, model, inputs):
+    """
+    sem_seg of the same weights with panoptic and instance inference off: then semantic inference
+    runs on the padded masks and its result is resized (the other order than with them on).
+    """
+    from detectron2.modeling import build_model
+
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.MASK_FORMER.TEST.PANOPTIC_ON = False
+    cfg.MODEL.MASK_FORMER.TEST.INSTANCE_ON = False
+    semantic = build_model(cfg)
+    semantic.load_state_dict(model.state_dict(), strict=True)
+    semantic.eval()
+    with torch.no_grad():
+        return [r["sem_seg"] for r in semantic(inputs)]
 
 
 def generate(repo: Path, out: Path) -> None:
@@ -252,6 +269,8 @@ def generate(repo: Path, out: Path) -> None:
             },
             "results": _results(processed),
         }
+        if name in SEMANTIC_ONLY:
+            outputs["semantic_only"] = _semantic_only(cfg, model, inputs)
         state = model.state_dict()
         torch.save(state, out / f"{name}_weights.pth")
         torch.save(outputs, out / f"{name}_outputs.pth")
@@ -273,7 +292,6 @@ def main() -> None:
     if not (repo / "mask2former" / "maskformer_model.py").exists():
         parser.error(f"{repo} is not a Mask2Former checkout (no mask2former/maskformer_model.py)")
     sys.path.insert(0, str(repo))
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     args.out.mkdir(parents=True, exist_ok=True)
     generate(repo, args.out)
 
