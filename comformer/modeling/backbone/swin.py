@@ -480,17 +480,10 @@ class D2SwinTransformer(Backbone):
         for i, dim in enumerate(dims):
             self.add_module(f"norm{i}", nn.LayerNorm(dim))
         self._size_divisibility = patch_size * 2 ** (len(depths) - 1)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        # Linear, conv and norm layers keep PyTorch's default initialisation, as in Mask2Former,
+        # whose backbone never calls the official Swin's init_weights (truncated normal, std 0.02):
+        # Swin backbones are meant to start from ImageNet weights. Only the position tables are
+        # initialised here, as there.
 
     @classmethod
     def from_config(cls, cfg, input_shape: ShapeSpec):
