@@ -19,9 +19,8 @@ def add_comformer_config(cfg: CN) -> None:
     cfg.INPUT.SIZE_DIVISIBILITY = -1
 
     # ---------------------------------------------------------------- solver
-    # Weight decay of embeddings: nn.Embedding weights (the decoder's query features and positions,
-    # level embeddings) and the parameters named relative_position_bias_table, absolute_pos_embed
-    # or level_embed. Norm layers have their own key, detectron2's SOLVER.WEIGHT_DECAY_NORM.
+    # Weight decay of nn.Embedding weights (the transformer decoder's query features, query
+    # positions and level embedding), as Mask2Former's trainer applies it.
     cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0
     # Optimizer name: "ADAMW" or "SGD".
     cfg.SOLVER.OPTIMIZER = "ADAMW"
@@ -29,30 +28,43 @@ def add_comformer_config(cfg: CN) -> None:
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
 
     # ---------------------------------------------------------------- mask former
+    # Every key Mask2Former's add_maskformer2_config defines exists here with its default and its
+    # meaning, so that a yaml file both can read builds the same model (tests/
+    # test_mask2former_parity.py compares with the official config). Mask2Former's defaults are
+    # MaskFormer's in places (a "res5" decoder input, the FPN pixel decoder): model yaml files set
+    # these keys, as configs/ and Mask2Former's own do.
     cfg.MODEL.MASK_FORMER = CN()
     # Loss weights: deep supervision on every decoder layer, no-object class weight, class/dice/mask.
     cfg.MODEL.MASK_FORMER.DEEP_SUPERVISION = True
     cfg.MODEL.MASK_FORMER.NO_OBJECT_WEIGHT = 0.1
-    cfg.MODEL.MASK_FORMER.CLASS_WEIGHT = 2.0
-    cfg.MODEL.MASK_FORMER.DICE_WEIGHT = 5.0
-    cfg.MODEL.MASK_FORMER.MASK_WEIGHT = 5.0
+    cfg.MODEL.MASK_FORMER.CLASS_WEIGHT = 1.0
+    cfg.MODEL.MASK_FORMER.DICE_WEIGHT = 1.0
+    cfg.MODEL.MASK_FORMER.MASK_WEIGHT = 20.0
     # Transformer decoder: name in TRANSFORMER_DECODER_REGISTRY and its sizes.
     cfg.MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME = "MultiScaleMaskedTransformerDecoder"
-    # Feature fed to the transformer decoder ("multi_scale_pixel_decoder" = the pixel decoder's levels).
-    cfg.MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE = "multi_scale_pixel_decoder"
+    # Feature fed to the transformer decoder; MaskFormerHead supports "multi_scale_pixel_decoder"
+    # (the pixel decoder's 3 coarsest levels) only.
+    cfg.MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE = "res5"
     cfg.MODEL.MASK_FORMER.HIDDEN_DIM = 256
     cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES = 100
+    # Attention heads of the transformer decoder AND of the pixel decoder's deformable encoder.
     cfg.MODEL.MASK_FORMER.NHEADS = 8
-    cfg.MODEL.MASK_FORMER.DROPOUT = 0.0
+    # Dropout of the pixel decoder's deformable encoder (the transformer decoder has none).
+    cfg.MODEL.MASK_FORMER.DROPOUT = 0.1
+    # Feed-forward width of the transformer decoder layers.
     cfg.MODEL.MASK_FORMER.DIM_FEEDFORWARD = 2048
-    # Number of decoder layers including the initial prediction from the learnable queries (10 = 9 + 1).
-    cfg.MODEL.MASK_FORMER.DEC_LAYERS = 10
+    # Decoder predictions: the masked-attention layers + the one from the learnable queries
+    # (Mask2Former's models: 10 = 9 layers + 1).
+    cfg.MODEL.MASK_FORMER.DEC_LAYERS = 6
     # Apply LayerNorm before (True) or after (False) attention/FFN in the decoder layers.
     cfg.MODEL.MASK_FORMER.PRE_NORM = False
-    # Images are padded to a multiple of this (0: the backbone's size divisibility).
+    # Give the decoder a 1x1 input projection per level even when CONVS_DIM == HIDDEN_DIM.
+    cfg.MODEL.MASK_FORMER.ENFORCE_INPUT_PROJ = False
+    # Images are padded to a multiple of this; -1: the backbone's size divisibility; 0: no padding
+    # beyond the batch's largest image (Mask2Former's meanings).
     cfg.MODEL.MASK_FORMER.SIZE_DIVISIBILITY = 32
-    # Mask normalisation: "sigmoid" (Mask2Former: each mask independent) or "softmax" (CoMFormer:
-    # a softmax across queries per pixel) in matching, mask losses and inference.
+    # comformer extension: mask normalisation, "sigmoid" (Mask2Former: each mask independent) or
+    # "softmax" (CoMFormer: a softmax across queries per pixel) in matching, losses and inference.
     cfg.MODEL.MASK_FORMER.MASK_ACTIVATION = "sigmoid"
     # Point-sampled mask losses: points per mask, oversampling ratio, fraction chosen by uncertainty.
     cfg.MODEL.MASK_FORMER.TRAIN_NUM_POINTS = 112 * 112
@@ -64,10 +76,10 @@ def add_comformer_config(cfg: CN) -> None:
     cfg.MODEL.MASK_FORMER.TEST.SEMANTIC_ON = True
     cfg.MODEL.MASK_FORMER.TEST.INSTANCE_ON = False
     cfg.MODEL.MASK_FORMER.TEST.PANOPTIC_ON = False
-    # Panoptic: queries below this class score are dropped; a segment whose visible part is less
-    # than this fraction of its mask is dropped.
-    cfg.MODEL.MASK_FORMER.TEST.OBJECT_MASK_THRESHOLD = 0.8
-    cfg.MODEL.MASK_FORMER.TEST.OVERLAP_THRESHOLD = 0.8
+    # Panoptic: queries whose class score is not above this are dropped; a segment whose visible
+    # part is less than this fraction of its mask is dropped.
+    cfg.MODEL.MASK_FORMER.TEST.OBJECT_MASK_THRESHOLD = 0.0
+    cfg.MODEL.MASK_FORMER.TEST.OVERLAP_THRESHOLD = 0.0
     # Post-process semantic output before resizing it back to the input size.
     cfg.MODEL.MASK_FORMER.TEST.SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE = False
     # -1: Mask2Former's semantic inference. c >= 0: the dataset's background class c is no-object
@@ -80,16 +92,30 @@ def add_comformer_config(cfg: CN) -> None:
     # Dimension of the per-pixel mask embeddings the queries are dotted with.
     cfg.MODEL.SEM_SEG_HEAD.MASK_DIM = 256
     # Pixel decoder: name in PIXEL_DECODER_REGISTRY.
-    cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME = "MSDeformAttnPixelDecoder"
+    cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME = "BasePixelDecoder"
     # Backbone features the deformable-attention encoder attends over.
     cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES = ["res3", "res4", "res5"]
+    # Layers of the deformable-attention encoder.
+    cfg.MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS = 0
+    # comformer extension: feed-forward width of the deformable encoder's layers (Mask2Former fixes
+    # it at 1024, the default).
+    cfg.MODEL.SEM_SEG_HEAD.DIM_FEEDFORWARD = 1024
+
+    # ---------------------------------------------------------------- Mask2Former's unread keys
+    # Keys Mask2Former defines but never reads for its models (or reads only in a data mapper
+    # comformer does not have). They exist so that Mask2Former's yaml files merge, and mean here
+    # what they mean there: nothing.
+    # Read by no Mask2Former model: the deformable encoder has MASK_FORMER.NHEADS heads and 4
+    # sampling points (the pixel decoder warns when these say otherwise).
     cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS = 4
     cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS = 8
-    cfg.MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS = 6
-    # Feed-forward width of the deformable encoder layers.
-    cfg.MODEL.SEM_SEG_HEAD.DIM_FEEDFORWARD = 1024
-    # Stride of the mask features (the lateral path's output), relative to the input.
-    cfg.MODEL.SEM_SEG_HEAD.COMMON_STRIDE = 4
+    # Transformer encoder layers of MaskFormer's (v1) decoder, which Mask2Former models do not use.
+    cfg.MODEL.MASK_FORMER.ENC_LAYERS = 0
+    # Large-scale jitter of Mask2Former's COCO mappers (configs/coco approximates it with
+    # detectron2's resize and crop keys instead).
+    cfg.INPUT.IMAGE_SIZE = 1024
+    cfg.INPUT.MIN_SCALE = 0.1
+    cfg.INPUT.MAX_SCALE = 2.0
 
     # ---------------------------------------------------------------- swin backbone
     cfg.MODEL.SWIN = CN()

@@ -112,3 +112,15 @@ def test_instance_inference_keeps_things_only_in_panoptic_mode():
     assert set(result.pred_classes.tolist()) == {0}
     assert result.pred_masks.shape[1:] == (2, 2)
     assert torch.all(result.scores <= 1.0)
+
+
+def test_instance_masks_binarise_logits_like_mask2former():
+    # Mask2Former keeps pixels with logit > 0. A logit of 0, and a slightly negative one whose
+    # float32 sigmoid rounds to 0.5, are NOT kept, though their "probability" is >= 0.5.
+    mask_cls = torch.tensor([[2.0, 0.0]])  # 1 query, 1 class
+    mask_pred = torch.tensor([[[0.0, -1e-9, 1e-3, -1.0]]])
+    assert (mask_pred.sigmoid() >= 0.5).sum() == 3
+    result = instance_inference(
+        mask_cls, mask_pred, image_size=(1, 4), topk=1, thing_ids={0}, panoptic_on=False
+    )
+    assert result.pred_masks.tolist() == [[[0.0, 0.0, 1.0, 0.0]]]

@@ -472,6 +472,8 @@ def test_criterion_from_config():
     add_comformer_config(cfg)
     cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 150
     cfg.MODEL.MASK_FORMER.MASK_ACTIVATION = "softmax"
+    cfg.MODEL.MASK_FORMER.DEC_LAYERS = 10  # Mask2Former's models (the default is 6)
+    cfg.MODEL.MASK_FORMER.CLASS_WEIGHT = 2.0
     criterion = SetCriterion(cfg)
     # DEC_LAYERS = 10 counts the initial prediction: 9 aux predictions + the final one
     assert len(criterion.weight_dict) == 3 * 10

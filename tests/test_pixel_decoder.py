@@ -306,7 +306,7 @@ def test_msdeformattn_pixel_decoder_with_two_encoder_levels():
             "DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES",
         ),
         (dict(conv_dim=48), "CONVS_DIM=48 must be a multiple of 32"),
-        (dict(transformer_nheads=3), "DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS=3"),
+        (dict(transformer_nheads=3), "MODEL.MASK_FORMER.NHEADS=3"),
         (dict(common_stride=2), "COMMON_STRIDE=2"),
         (dict(norm="BatchNorm"), "NORM='BatchNorm'"),
         (dict(transformer_in_features=["res5"], common_stride=16), "needs 3"),
@@ -345,8 +345,8 @@ def _cfg(**head):
     cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM = 32
     cfg.MODEL.SEM_SEG_HEAD.MASK_DIM = 16
     cfg.MODEL.SEM_SEG_HEAD.NORM = "GN"
-    cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS = 2
-    cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS = 3
+    cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME = "MSDeformAttnPixelDecoder"
+    cfg.MODEL.MASK_FORMER.NHEADS = 2
     cfg.MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS = 1
     cfg.MODEL.SEM_SEG_HEAD.DIM_FEEDFORWARD = 48
     for k, v in head.items():
@@ -360,12 +360,37 @@ def test_build_pixel_decoder_from_config():
     decoder = build_pixel_decoder(_cfg(), shapes)
     assert isinstance(decoder, MSDeformAttnPixelDecoder)
     attn = decoder.transformer.encoder.layers[0].self_attn
-    assert (attn.n_heads, attn.n_levels, attn.n_points) == (2, 3, 3)
+    # Heads from MODEL.MASK_FORMER.NHEADS and 4 points, as Mask2Former builds it.
+    assert (attn.n_heads, attn.n_levels, attn.n_points) == (2, 3, 4)
     assert len(decoder.transformer.encoder.layers) == 1
     assert decoder.transformer.encoder.layers[0].linear1.out_features == 48
     assert isinstance(
         build_pixel_decoder(_cfg(PIXEL_DECODER_NAME="BasePixelDecoder"), shapes), BasePixelDecoder
     )
+
+
+def test_mask2former_unread_encoder_keys_are_not_read(caplog):
+    # Mask2Former defines these keys but builds its encoder from MASK_FORMER.NHEADS and 4 points:
+    # a config that sets them must build the same model in both.
+    cfg = _cfg(DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS=4, DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS=2)
+    with caplog.at_level("WARNING"):
+        decoder = build_pixel_decoder(cfg, SHAPES)
+    attn = decoder.transformer.encoder.layers[0].self_attn
+    assert (attn.n_heads, attn.n_points) == (2, 4)
+    assert "DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS=4 is not read" in caplog.text
+    assert "DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS=2 is not read" in caplog.text
+    # The defaults say nothing.
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        build_pixel_decoder(_cfg(), SHAPES)
+    assert "is not read" not in caplog.text
+
+
+def test_encoder_feed_forward_width_defaults_to_mask2former():
+    # SEM_SEG_HEAD.DIM_FEEDFORWARD is comformer's key; Mask2Former fixes the width at 1024.
+    defaults = get_cfg()
+    add_comformer_config(defaults)
+    assert defaults.MODEL.SEM_SEG_HEAD.DIM_FEEDFORWARD == 1024
 
 
 def test_build_pixel_decoder_unknown_name_lists_valid_names():

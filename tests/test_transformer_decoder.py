@@ -94,10 +94,14 @@ def test_dec_layers_from_config_counts_the_initial_prediction():
 def test_config_keys_reach_the_decoder():
     cfg = _cfg(DEC_LAYERS=3, DROPOUT=0.25, MASK_ACTIVATION="softmax")
     decoder = build_transformer_decoder(cfg, 8, mask_classification=True)
-    assert decoder.transformer_ffn_layers[0].dropout.p == 0.25
-    assert decoder.transformer_cross_attention_layers[1].multihead_attn.dropout == 0.25
+    # MASK_FORMER.DROPOUT is the pixel decoder's: Mask2Former's transformer decoder has none.
+    assert decoder.transformer_ffn_layers[0].dropout.p == 0.0
+    assert decoder.transformer_cross_attention_layers[1].multihead_attn.dropout == 0.0
     assert decoder.mask_activation == "softmax"
     assert len(decoder.input_proj[0].state_dict()) == 2  # 8 -> 16 channels needs a projection
+    assert len(build_transformer_decoder(cfg, C).input_proj[0].state_dict()) == 0
+    enforced = build_transformer_decoder(_cfg(ENFORCE_INPUT_PROJ=True), C)
+    assert len(enforced.input_proj[0].state_dict()) == 2
     cfg.MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME = "NoSuchDecoder"
     with pytest.raises(KeyError, match="NoSuchDecoder.*MultiScaleMaskedTransformerDecoder"):
         build_transformer_decoder(cfg, 8)

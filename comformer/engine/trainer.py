@@ -55,13 +55,15 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Parameters that are embeddings or position tables: no weight decay beyond SOLVER.WEIGHT_DECAY_EMBED.
-_EMBED_PARAM_NAMES = ("relative_position_bias_table", "absolute_pos_embed", "level_embed")
+# Swin's position tables: no weight decay, as Mask2Former's trainer (the pixel decoder's level_embed,
+# an nn.Parameter, gets SOLVER.WEIGHT_DECAY there too).
+_NO_DECAY_PARAM_NAMES = ("relative_position_bias_table", "absolute_pos_embed")
 
 
 def _param_groups(cfg, model: torch.nn.Module) -> List[Dict[str, Any]]:
-    """detectron2's parameter groups with Mask2Former's overrides: backbone lr multiplier, no weight
-    decay on norms (SOLVER.WEIGHT_DECAY_NORM) and embeddings (SOLVER.WEIGHT_DECAY_EMBED)."""
+    """detectron2's parameter groups with Mask2Former's overrides: backbone lr multiplier, weight decay
+    SOLVER.WEIGHT_DECAY_NORM on norms and SOLVER.WEIGHT_DECAY_EMBED on nn.Embedding weights, none on
+    Swin's position tables."""
     multiplier = cfg.SOLVER.BACKBONE_MULTIPLIER
     groups = get_default_optimizer_params(
         model,
@@ -69,7 +71,7 @@ def _param_groups(cfg, model: torch.nn.Module) -> List[Dict[str, Any]]:
         weight_decay=cfg.SOLVER.WEIGHT_DECAY,
         weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
         lr_factor_func=lambda name: multiplier if name.startswith("backbone.") else 1.0,
-        overrides={k: {"weight_decay": cfg.SOLVER.WEIGHT_DECAY_EMBED} for k in _EMBED_PARAM_NAMES},
+        overrides={k: {"weight_decay": 0.0} for k in _NO_DECAY_PARAM_NAMES},
     )
     # nn.Embedding weights are called "weight" like any other, so name overrides cannot reach them.
     embedding_params = {

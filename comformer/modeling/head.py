@@ -3,6 +3,7 @@
 Registered in detectron2's SEM_SEG_HEADS_REGISTRY as ``MaskFormerHead`` so that module names
 (``sem_seg_head.pixel_decoder``, ``sem_seg_head.predictor``) match Mask2Former checkpoints.
 """
+
 from typing import Dict
 
 from torch import nn
@@ -20,6 +21,13 @@ __all__ = ["MaskFormerHead"]
 @SEM_SEG_HEADS_REGISTRY.register()
 class MaskFormerHead(nn.Module):
     """Pixel decoder + transformer decoder; returns the transformer decoder's prediction dict."""
+
+    # The state-dict version of Mask2Former's head, saved in every checkpoint's metadata. Without
+    # it (or below 2) Mask2Former takes a checkpoint for MaskFormer's old layout and moves every
+    # ``sem_seg_head.*`` key but the predictor's under ``sem_seg_head.pixel_decoder.``, so that a
+    # comformer checkpoint would not load there. comformer itself renames nothing: it loads
+    # checkpoints of this layout with or without the version.
+    _version = 2
 
     @configurable
     def __init__(

@@ -243,7 +243,9 @@ def instance_inference(
     scores_per_image, topk_indices = scores.flatten().topk(min(topk, scores.numel()), sorted=False)
     labels_per_image = labels[topk_indices]
     query_indices = topk_indices // num_classes
+    # The activation is applied to all Q masks first: "softmax" normalises across queries.
     mask_prob = mask_probabilities(mask_pred, mask_activation)[query_indices]
+    mask_logits = mask_pred[query_indices]
     if panoptic_on:
         is_thing = torch.tensor(
             [int(c) in thing_ids for c in labels_per_image.tolist()],
@@ -253,9 +255,15 @@ def instance_inference(
         scores_per_image = scores_per_image[is_thing]
         labels_per_image = labels_per_image[is_thing]
         mask_prob = mask_prob[is_thing]
+        mask_logits = mask_logits[is_thing]
 
     result = Instances(image_size)
-    binary = (mask_prob >= 0.5).float()
+    if mask_activation == "sigmoid":
+        # Mask2Former binarises the logits (> 0), which is not quite probability >= 0.5: a logit
+        # of exactly 0, or a slightly negative one whose sigmoid rounds to 0.5, is not kept.
+        binary = (mask_logits > 0).float()
+    else:
+        binary = (mask_prob >= 0.5).float()
     result.pred_masks = binary
     result.pred_boxes = Boxes(torch.zeros(binary.shape[0], 4, device=binary.device))
     # Rescore by the mean mask probability inside the binarised mask, as Mask2Former does.

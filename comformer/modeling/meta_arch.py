@@ -68,7 +68,8 @@ class MaskFormer(nn.Module):
             num_queries: Q.
             object_mask_threshold, overlap_threshold: panoptic inference thresholds.
             metadata: dataset metadata; ``thing_dataset_id_to_contiguous_id`` tells things from stuff.
-            size_divisibility: pad images to a multiple of this (0: the backbone's).
+            size_divisibility: pad images to a multiple of this; < 0: the backbone's; 0: no padding
+                beyond what the backbone needs (Mask2Former's meanings).
             sem_seg_postprocess_before_inference: resize masks to the output size before semantic
                 inference (needed for panoptic / instance outputs anyway).
             pixel_mean, pixel_std: per-channel normalisation of the input image.
@@ -94,8 +95,8 @@ class MaskFormer(nn.Module):
         self.object_mask_threshold = object_mask_threshold
         self.metadata = metadata
         if size_divisibility < 0:
-            raise ValueError(f"size_divisibility must be >= 0, got {size_divisibility}")
-        self.size_divisibility = size_divisibility or self.backbone.size_divisibility
+            size_divisibility = self.backbone.size_divisibility
+        self.size_divisibility = size_divisibility
         self.sem_seg_postprocess_before_inference = sem_seg_postprocess_before_inference
         # Not persistent: Mask2Former checkpoints do not carry them, and configs set them.
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)

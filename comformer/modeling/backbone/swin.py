@@ -359,8 +359,9 @@ class D2SwinTransformer(Backbone):
     ``norm{i}``. Any input size works: inputs are padded to the patch size, feature maps to the
     window size and to even sizes before merging, and outputs cropped back.
 
-    All four stages are always built so that checkpoints load whatever OUT_FEATURES says; stages
-    after the last requested one are skipped in ``forward`` (their parameters get no gradient).
+    All four stages and their norms are always built so that checkpoints load whatever
+    OUT_FEATURES says; stages after the last requested one are skipped in ``forward`` (their
+    parameters, and the norms of stages not returned, get no gradient).
     """
 
     @configurable
@@ -474,20 +475,15 @@ class D2SwinTransformer(Backbone):
         self._out_feature_channels = {
             name: dims[i] for i, name in enumerate(_STAGE_NAMES) if name in out_features
         }
-        for i in self._out_indices:
-            self.add_module(f"norm{i}", nn.LayerNorm(dims[i]))
+        # Like the stages, a norm for every stage whatever OUT_FEATURES says: Mask2Former's state
+        # dict always has norm0..norm3.
+        for i, dim in enumerate(dims):
+            self.add_module(f"norm{i}", nn.LayerNorm(dim))
         self._size_divisibility = patch_size * 2 ** (len(depths) - 1)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        # Linear, conv and norm layers keep PyTorch's default initialisation, as in Mask2Former,
+        # whose backbone never calls the official Swin's init_weights (truncated normal, std 0.02):
+        # Swin backbones are meant to start from ImageNet weights. Only the position tables are
+        # initialised here, as there.
 
     @classmethod
     def from_config(cls, cfg, input_shape: ShapeSpec):

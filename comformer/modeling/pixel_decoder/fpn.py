@@ -39,11 +39,16 @@ def check_norm(norm: Norm, channels: int) -> None:
         )
 
 
+def _conv_bias(norm: Norm) -> bool:
+    """A conv followed by a norm needs no bias. Mask2Former's rule, which decides its state dict:
+    a bias only for ``norm == ""`` (``None`` also builds neither norm nor bias)."""
+    return norm == ""
+
+
 def lateral_conv(in_channels: int, conv_dim: int, norm: Norm) -> Conv2d:
     """1x1 projection of a backbone feature (FPN's lateral connection), normalised, no activation."""
-    # A conv followed by a norm needs no bias.
     conv = Conv2d(
-        in_channels, conv_dim, kernel_size=1, bias=not norm, norm=get_norm(norm, conv_dim)
+        in_channels, conv_dim, kernel_size=1, bias=_conv_bias(norm), norm=get_norm(norm, conv_dim)
     )
     weight_init.c2_xavier_fill(conv)
     return conv
@@ -56,7 +61,7 @@ def output_conv(in_channels: int, conv_dim: int, norm: Norm) -> Conv2d:
         conv_dim,
         kernel_size=3,
         padding=1,
-        bias=not norm,
+        bias=_conv_bias(norm),
         norm=get_norm(norm, conv_dim),
         activation=F.relu,
     )

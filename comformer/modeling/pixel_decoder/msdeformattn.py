@@ -6,6 +6,7 @@ Module and parameter names equal Mask2Former's so that its checkpoints load unch
 (``sem_seg_head.pixel_decoder.*``).
 """
 
+import logging
 from typing import Dict, List, Sequence, Tuple
 
 import fvcore.nn.weight_init as weight_init
@@ -28,7 +29,16 @@ from .fpn import (
 )
 from .ms_deform_attn import MSDeformAttn
 
+logger = logging.getLogger(__name__)
+
+# Sampling points per head and level of the encoder's deformable attention, and the width of its
+# feed-forward layers, as Mask2Former fixes them. (Mask2Former's config also has
+# SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS and _N_HEADS, which it never reads.)
+ENCODER_N_POINTS = 4
+ENCODER_DIM_FEEDFORWARD = 1024
+
 __all__ = [
+    "ENCODER_N_POINTS",
     "MSDeformAttnEncoderLayer",
     "MSDeformAttnEncoder",
     "MSDeformAttnTransformer",
@@ -192,28 +202,31 @@ class MSDeformAttnPixelDecoder(nn.Module):
         *,
         transformer_dropout: float,
         transformer_nheads: int,
-        transformer_dim_feedforward: int,
+        transformer_dim_feedforward: int = ENCODER_DIM_FEEDFORWARD,
         transformer_enc_layers: int,
         conv_dim: int,
         mask_dim: int,
         norm: Norm = None,
         transformer_in_features: List[str],
         common_stride: int,
-        transformer_n_points: int = 4,
+        transformer_n_points: int = ENCODER_N_POINTS,
     ):
         """
         Args:
             input_shape: shapes of the backbone features to use, by name.
             transformer_dropout: dropout in the encoder layers.
-            transformer_nheads: deformable attention heads; must divide ``conv_dim``.
-            transformer_dim_feedforward: FFN width of the encoder layers.
+            transformer_nheads: deformable attention heads (MODEL.MASK_FORMER.NHEADS, as in
+                Mask2Former); must divide ``conv_dim``.
+            transformer_dim_feedforward: FFN width of the encoder layers (Mask2Former: 1024;
+                MODEL.SEM_SEG_HEAD.DIM_FEEDFORWARD, a comformer extension, defaults to it).
             transformer_enc_layers: number of encoder layers.
             conv_dim: channels C of the encoder and FPN levels; a multiple of 32 (GroupNorm).
             mask_dim: channels of the mask features.
             norm: normalisation of the FPN convs, as for detectron2's ``get_norm``.
             transformer_in_features: names of the features the encoder attends over.
             common_stride: stride of the mask features; the FPN path stops there.
-            transformer_n_points: sampling points per head and level.
+            transformer_n_points: sampling points per head and level (Mask2Former: 4, not
+                configurable; no config key sets it here either).
         """
         super().__init__()
         features = sorted_by_stride(input_shape)
@@ -232,8 +245,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
             )
         if conv_dim % transformer_nheads != 0:
             raise ValueError(
-                f"MODEL.SEM_SEG_HEAD.CONVS_DIM={conv_dim} must be divisible by "
-                f"DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS={transformer_nheads}"
+                f"MODEL.SEM_SEG_HEAD.CONVS_DIM={conv_dim} must be divisible by the deformable "
+                f"encoder's heads, MODEL.MASK_FORMER.NHEADS={transformer_nheads}"
             )
         check_norm(norm, conv_dim)
 
@@ -304,19 +317,41 @@ class MSDeformAttnPixelDecoder(nn.Module):
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
-        head = cfg.MODEL.SEM_SEG_HEAD
+        head, mask_former = cfg.MODEL.SEM_SEG_HEAD, cfg.MODEL.MASK_FORMER
+        # The keys Mask2Former reads, with its meanings: a config both can read builds one model.
+        # Mask2Former's own encoder keys are not among them; a config that sets them to something
+        # else than their default and the value used is told so.
+        ignored = {
+            "DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS": (
+                head.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS,
+                8,
+                mask_former.NHEADS,
+                "MODEL.MASK_FORMER.NHEADS",
+            ),
+            "DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS": (
+                head.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS,
+                ENCODER_N_POINTS,
+                ENCODER_N_POINTS,
+                "fixed, as in Mask2Former",
+            ),
+        }
+        for key, (value, default, used, source) in ignored.items():
+            if value not in (default, used):
+                logger.warning(
+                    f"MODEL.SEM_SEG_HEAD.{key}={value} is not read (nor is it by Mask2Former): "
+                    f"the deformable encoder uses {used} ({source})"
+                )
         return {
             "input_shape": {k: v for k, v in input_shape.items() if k in head.IN_FEATURES},
             "conv_dim": head.CONVS_DIM,
             "mask_dim": head.MASK_DIM,
             "norm": head.NORM,
-            "transformer_dropout": cfg.MODEL.MASK_FORMER.DROPOUT,
-            "transformer_nheads": head.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS,
+            "transformer_dropout": mask_former.DROPOUT,
+            "transformer_nheads": mask_former.NHEADS,
             "transformer_dim_feedforward": head.DIM_FEEDFORWARD,
             "transformer_enc_layers": head.TRANSFORMER_ENC_LAYERS,
             "transformer_in_features": list(head.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES),
             "common_stride": head.COMMON_STRIDE,
-            "transformer_n_points": head.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS,
         }
 
     def forward_features(self, features: Dict[str, Tensor]) -> Tuple[Tensor, Tensor, List[Tensor]]:
@@ -327,8 +362,16 @@ class MSDeformAttnPixelDecoder(nn.Module):
         Returns:
             mask_features: (B, mask_dim, H / common_stride, W / common_stride).
             transformer_encoder_features: (B, C, H_l, W_l) the encoder's coarsest output.
-            multi_scale_features: 3 maps (B, C, H_l, W_l), coarsest first.
+            multi_scale_features: 3 maps (B, C, H_l, W_l), coarsest first; all in float32.
         """
+        # As in Mask2Former, the whole pixel decoder runs in float32 under mixed precision: the
+        # deformable attention's sampling locations are too coarse in half precision.
+        names = self.transformer_in_features + self.in_features
+        device_type = features[names[0]].device.type
+        with torch.autocast(device_type=device_type, enabled=False):
+            return self._forward_features({k: features[k].float() for k in names})
+
+    def _forward_features(self, features: Dict[str, Tensor]) -> Tuple[Tensor, Tensor, List[Tensor]]:
         srcs, pos = [], []
         for proj, name in zip(self.input_proj, self.transformer_in_features[::-1]):
             src = proj(features[name])

@@ -187,6 +187,10 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
 
     # Mask2Former always uses three feature levels (strides 32, 16, 8 of the pixel decoder).
     num_feature_levels = 3
+    # The state-dict version of Mask2Former's decoder. Saved in every checkpoint's metadata: a
+    # module that finds no version (or < 2) in a checkpoint treats it as MaskFormer's old layout
+    # and renames its keys, so Mask2Former loads comformer checkpoints unchanged only with it.
+    _version = 2
 
     @configurable
     def __init__(
@@ -222,7 +226,9 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
                 ``in_channels == hidden_dim`` (otherwise it is the identity and has no parameters).
             mask_activation: how masks become probabilities for the attention mask: "sigmoid"
                 (Mask2Former) or "softmax" across queries (CoMFormer's softmax masks).
-            dropout: dropout in the attention and FFN blocks (Mask2Former: 0).
+            dropout: dropout in the attention and FFN blocks. Mask2Former has none here, whatever
+                MODEL.MASK_FORMER.DROPOUT says (that key is the pixel decoder's), so the config
+                does not set it.
         """
         super().__init__()
         if dec_layers < 0:
@@ -297,9 +303,8 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             "dec_layers": mf.DEC_LAYERS - 1,
             "pre_norm": mf.PRE_NORM,
             "mask_dim": cfg.MODEL.SEM_SEG_HEAD.MASK_DIM,
-            "enforce_input_project": False,
+            "enforce_input_project": mf.ENFORCE_INPUT_PROJ,
             "mask_activation": mf.MASK_ACTIVATION,
-            "dropout": mf.DROPOUT,
         }
 
     def forward(

@@ -1,4 +1,5 @@
-"""Fixed 2-D sine/cosine position encoding for feature maps (DETR's, normalised to [0, 2*pi])."""
+"""Fixed 2-D sine/cosine position encoding for feature maps (DETR's, as Mask2Former uses it)."""
+
 import math
 from typing import Optional
 
@@ -27,7 +28,9 @@ class PositionEmbeddingSine(nn.Module):
         Args:
             num_pos_feats: channels per axis (half of the output's channels).
             temperature: base of the geometric frequency progression.
-            normalize: scale coordinates to [0, scale] so the encoding does not depend on image size.
+            normalize: divide the coordinates (1..H, 1..W) by the map's size and multiply by
+                ``scale``, so that the encoding does not depend on image size: pixel i of n
+                gets i / n * scale, the last one exactly ``scale``.
             scale: the normalised range; only meaningful with ``normalize`` (default 2*pi).
         """
         super().__init__()
@@ -53,12 +56,16 @@ class PositionEmbeddingSine(nn.Module):
         y_embed = not_mask.cumsum(1)
         x_embed = not_mask.cumsum(2)
         if self.normalize:
+            # DETR's and Mask2Former's normalisation, which their checkpoints were trained with.
+            # Deformable DETR's variant subtracts 0.5 first (pixel centres), a different encoding.
             eps = 1e-6
-            y_embed = (y_embed - 0.5) / (y_embed[:, -1:, :] + eps) * self.scale
-            x_embed = (x_embed - 0.5) / (x_embed[:, :, -1:] + eps) * self.scale
+            y_embed = y_embed / (y_embed[:, -1:, :] + eps) * self.scale
+            x_embed = x_embed / (x_embed[:, :, -1:] + eps) * self.scale
 
         dim_t = torch.arange(self.num_pos_feats, dtype=torch.float32, device=x.device)
-        dim_t = self.temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / self.num_pos_feats)
+        dim_t = self.temperature ** (
+            2 * torch.div(dim_t, 2, rounding_mode="floor") / self.num_pos_feats
+        )
         pos_x = x_embed[:, :, :, None] / dim_t
         pos_y = y_embed[:, :, :, None] / dim_t
         # Interleave sin (even channels) and cos (odd channels) of each frequency.
