@@ -100,6 +100,10 @@ def add_comformer_config(cfg: CN) -> None:
     # comformer extension: feed-forward width of the deformable encoder's layers (Mask2Former fixes
     # it at 1024, the default).
     cfg.MODEL.SEM_SEG_HEAD.DIM_FEEDFORWARD = 1024
+    # comformer extension: how deformable attention samples: "pytorch" (the reference),
+    # "compiled" (torch.compile; Triton kernels on CUDA, nothing to build), "auto" (compiled on
+    # CUDA, pytorch elsewhere). Same numbers within float32 rounding.
+    cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_ATTN_IMPL = "auto"
 
     # ---------------------------------------------------------------- Mask2Former's unread keys
     # Keys Mask2Former defines but never reads for its models (or reads only in a data mapper

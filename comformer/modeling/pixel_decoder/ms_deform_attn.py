@@ -18,9 +18,15 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["ms_deform_attn", "MSDeformAttn"]
+__all__ = ["ms_deform_attn", "compiled_ms_deform_attn", "MSDeformAttn", "IMPLEMENTATIONS"]
 
 SpatialShapes = Union[Tensor, Sequence[Tuple[int, int]]]
+
+# How MSDeformAttn computes the sampling: "pytorch" (:func:`ms_deform_attn`, the reference),
+# "compiled" (the same function through torch.compile: on CUDA, Triton kernels generated at run
+# time, no build step at install), "auto" (compiled on CUDA, pytorch elsewhere).
+IMPLEMENTATIONS = ("auto", "pytorch", "compiled")
+_COMPILED = None
 
 
 def _shape_list(spatial_shapes: SpatialShapes) -> List[Tuple[int, int]]:
@@ -120,6 +126,21 @@ def ms_deform_attn(
     return output.to(out_dtype)
 
 
+def compiled_ms_deform_attn():
+    """
+    :func:`ms_deform_attn` through ``torch.compile``, built on first use and shared. On CUDA the
+    inductor backend fuses the permutes, the bilinear sampling and the weighted sum into Triton
+    kernels (Triton ships with PyTorch's CUDA wheels): no compiled extension to build at install,
+    unlike Mask2Former's ``MultiScaleDeformableAttention`` op. Shapes are specialised: a new set
+    of level sizes compiles again (fixed training crops compile once), and past torch's
+    recompilation limit torch falls back to the eager function.
+    """
+    global _COMPILED
+    if _COMPILED is None:
+        _COMPILED = torch.compile(ms_deform_attn, dynamic=False)
+    return _COMPILED
+
+
 class MSDeformAttn(nn.Module):
     """
     Multi-scale deformable attention module.
@@ -148,6 +169,8 @@ class MSDeformAttn(nn.Module):
         self.n_levels = n_levels
         self.n_heads = n_heads
         self.n_points = n_points
+        # see IMPLEMENTATIONS; not a parameter: the pixel decoder sets it from its config
+        self.impl = "auto"
 
         self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
         self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
@@ -229,11 +252,20 @@ class MSDeformAttn(nn.Module):
             reference_points.float()[:, :, None, :, None, :]
             + offsets / normalizer[None, None, None, :, None, :]
         )
-        output = ms_deform_attn(value, shapes, locations, weights)
+        output = self._sampler(value)(value, shapes, locations, weights)
         return self.output_proj(output)
+
+    def _sampler(self, value: Tensor):
+        if self.impl not in IMPLEMENTATIONS:
+            raise ValueError(
+                f"MSDeformAttn.impl={self.impl!r} is not valid; valid: {', '.join(IMPLEMENTATIONS)}"
+            )
+        if self.impl == "compiled" or (self.impl == "auto" and value.is_cuda):
+            return compiled_ms_deform_attn()
+        return ms_deform_attn
 
     def extra_repr(self) -> str:
         return (
             f"d_model={self.d_model}, n_levels={self.n_levels}, n_heads={self.n_heads}, "
-            f"n_points={self.n_points}"
+            f"n_points={self.n_points}, impl={self.impl!r}"
         )

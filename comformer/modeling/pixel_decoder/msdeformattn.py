@@ -27,7 +27,7 @@ from .fpn import (
     output_conv,
     sorted_by_stride,
 )
-from .ms_deform_attn import MSDeformAttn
+from .ms_deform_attn import IMPLEMENTATIONS, MSDeformAttn
 
 logger = logging.getLogger(__name__)
 
@@ -210,6 +210,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         transformer_in_features: List[str],
         common_stride: int,
         transformer_n_points: int = ENCODER_N_POINTS,
+        deformable_attn_impl: str = "auto",
     ):
         """
         Args:
@@ -227,6 +228,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
             common_stride: stride of the mask features; the FPN path stops there.
             transformer_n_points: sampling points per head and level (Mask2Former: 4, not
                 configurable; no config key sets it here either).
+            deformable_attn_impl: how the deformable attention samples (see
+                ``ms_deform_attn.IMPLEMENTATIONS``): the same numbers within float32 rounding.
         """
         super().__init__()
         features = sorted_by_stride(input_shape)
@@ -297,6 +300,14 @@ class MSDeformAttnPixelDecoder(nn.Module):
             num_feature_levels=len(self.transformer_in_features),
             enc_n_points=transformer_n_points,
         )
+        if deformable_attn_impl not in IMPLEMENTATIONS:
+            raise ValueError(
+                f"MODEL.SEM_SEG_HEAD.DEFORMABLE_ATTN_IMPL={deformable_attn_impl!r} is not valid; "
+                f"valid: {', '.join(IMPLEMENTATIONS)}"
+            )
+        for module in self.transformer.modules():
+            if isinstance(module, MSDeformAttn):
+                module.impl = deformable_attn_impl
         # Half the channels encode y, half x.
         self.pe_layer = PositionEmbeddingSine(conv_dim // 2, normalize=True)
 
@@ -352,6 +363,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
             "transformer_enc_layers": head.TRANSFORMER_ENC_LAYERS,
             "transformer_in_features": list(head.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES),
             "common_stride": head.COMMON_STRIDE,
+            "deformable_attn_impl": head.DEFORMABLE_ATTN_IMPL,
         }
 
     def forward_features(self, features: Dict[str, Tensor]) -> Tuple[Tensor, Tensor, List[Tensor]]:
