@@ -54,6 +54,9 @@ def add_comformer_config(cfg: CN) -> None:
     # Mask normalisation: "sigmoid" (Mask2Former: each mask independent) or "softmax" (CoMFormer:
     # a softmax across queries per pixel) in matching, mask losses and inference.
     cfg.MODEL.MASK_FORMER.MASK_ACTIVATION = "sigmoid"
+    # Per-pixel head instead of mask classification (semantic segmentation only): a 1x1 classifier
+    # on the pixel decoder's mask features, per-pixel cross-entropy (modeling/per_pixel.py).
+    cfg.MODEL.MASK_FORMER.PER_PIXEL = False
     # Point-sampled mask losses: points per mask, oversampling ratio, fraction chosen by uncertainty.
     cfg.MODEL.MASK_FORMER.TRAIN_NUM_POINTS = 112 * 112
     cfg.MODEL.MASK_FORMER.OVERSAMPLE_RATIO = 3.0
