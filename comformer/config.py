@@ -146,14 +146,17 @@ def add_comformer_config(cfg: CN) -> None:
     # ---------------------------------------------------------------- continual methods
     # MiB (CONT.METHOD mib), each component switchable for ablations.
     cfg.CONT.MIB = CN()
-    # Unbiased cross-entropy: no-object stands for "no-object or an old class".
+    # Unbiased cross-entropy: the background (no-object, or the per-pixel head's background class)
+    # stands for "background or an old class".
     cfg.CONT.MIB.UNBIASED_CE = True
-    # Unbiased distillation: the teacher's no-object is matched by the student's "no-object or new".
+    # Unbiased distillation: the teacher's background is matched by the student's "background or
+    # new class".
     cfg.CONT.MIB.UNBIASED_KD = True
-    # New classes start from the no-object classifier row, sharing its probability.
+    # New classes start from the background classifier row, sharing its probability.
     cfg.CONT.MIB.INIT = True
-    # Distillation weight (mask classification: the loss is not divided by the class count).
-    cfg.CONT.MIB.KD_WEIGHT = 200.0
+    # Distillation weight; < 0: MiB's 10 on the per-pixel head (its argparser.py), CoMFormer's 200
+    # on mask classification (its README).
+    cfg.CONT.MIB.KD_WEIGHT = -1.0
     # The teacher's logits are divided by this before its softmax.
     cfg.CONT.MIB.KD_TEMPERATURE = 1.0
 
