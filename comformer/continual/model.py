@@ -126,7 +126,7 @@ class ContinualModel(nn.Module):
         student = self.student
         images = student.preprocess_images(batched_inputs)
         features, outputs = student.predict(images)
-        if not self.training and student.per_pixel:
+        if not self.training and getattr(student, "per_pixel", False):
             # Probabilities are remapped after the softmax: a -inf logit would not survive the
             # bilinear upsampling (0 x inf).
             results = student.inference(outputs, batched_inputs, images)
