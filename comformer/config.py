@@ -66,6 +66,9 @@ def add_comformer_config(cfg: CN) -> None:
     # comformer extension: mask normalisation, "sigmoid" (Mask2Former: each mask independent) or
     # "softmax" (CoMFormer: a softmax across queries per pixel) in matching, losses and inference.
     cfg.MODEL.MASK_FORMER.MASK_ACTIVATION = "sigmoid"
+    # Per-pixel head instead of mask classification (semantic segmentation only): a 1x1 classifier
+    # on the pixel decoder's mask features, per-pixel cross-entropy (modeling/per_pixel.py).
+    cfg.MODEL.MASK_FORMER.PER_PIXEL = False
     # Point-sampled mask losses: points per mask, oversampling ratio, fraction chosen by uncertainty.
     cfg.MODEL.MASK_FORMER.TRAIN_NUM_POINTS = 112 * 112
     cfg.MODEL.MASK_FORMER.OVERSAMPLE_RATIO = 3.0
@@ -184,14 +187,17 @@ def add_comformer_config(cfg: CN) -> None:
     # ---------------------------------------------------------------- continual methods
     # MiB (CONT.METHOD mib), each component switchable for ablations.
     cfg.CONT.MIB = CN()
-    # Unbiased cross-entropy: no-object stands for "no-object or an old class".
+    # Unbiased cross-entropy: the background (no-object, or the per-pixel head's background class)
+    # stands for "background or an old class".
     cfg.CONT.MIB.UNBIASED_CE = True
-    # Unbiased distillation: the teacher's no-object is matched by the student's "no-object or new".
+    # Unbiased distillation: the teacher's background is matched by the student's "background or
+    # new class".
     cfg.CONT.MIB.UNBIASED_KD = True
-    # New classes start from the no-object classifier row, sharing its probability.
+    # New classes start from the background classifier row, sharing its probability.
     cfg.CONT.MIB.INIT = True
-    # Distillation weight (mask classification: the loss is not divided by the class count).
-    cfg.CONT.MIB.KD_WEIGHT = 200.0
+    # Distillation weight; < 0: MiB's 10 on the per-pixel head (its argparser.py), CoMFormer's 200
+    # on mask classification (its README).
+    cfg.CONT.MIB.KD_WEIGHT = -1.0
     # The teacher's logits are divided by this before its softmax.
     cfg.CONT.MIB.KD_TEMPERATURE = 1.0
 
@@ -220,20 +226,45 @@ def add_comformer_config(cfg: CN) -> None:
     # Teacher queries with a class score below this give no pseudo-label.
     cfg.CONT.COMFORMER.PSEUDO_THRESHOLD = 0.0
 
-    # PLOP (CONT.METHOD plop), as CoMFormer ran it on Mask2Former.
+    # PLOP (CONT.METHOD plop): two variants (continual/plop.py); each key below left at its
+    # "variant's" value ("", < 0, None) takes the variant's choice.
     cfg.CONT.PLOP = CN()
-    # Local POD weight, scaled by sqrt(new classes / all classes); 0: no POD.
-    cfg.CONT.PLOP.POD_WEIGHT = 0.001
+    # "plop" (PLOP's code), "comformer" (CoMFormer's port); "": "plop" on the per-pixel head,
+    # "comformer" on mask classification.
+    cfg.CONT.PLOP.VARIANT = ""
+    # Local POD weight of the feature maps; < 0: the variant's (plop: 0.01, ADE20K 0.001;
+    # comformer: 0.001); 0: no POD on features.
+    cfg.CONT.PLOP.POD_WEIGHT = -1.0
+    # Local POD weight of the per-pixel logits; < 0: the variant's (plop: 0.0005, ADE20K 0.00001;
+    # comformer: 0).
+    cfg.CONT.PLOP.POD_LOGITS_WEIGHT = -1.0
+    # POD factor: "plop" sqrt(classes seen / new classes), "comformer" sqrt(new / seen); "": the
+    # variant's.
+    cfg.CONT.PLOP.POD_FACTOR = ""
+    # Square the maps before POD's pooling (PLOP's code); None: the variant's (plop: True).
+    cfg.CONT.PLOP.POD_SQUARE = None
     # Features distilled by POD: backbone outputs by name, and "mask_features" (pixel decoder).
     cfg.CONT.PLOP.POD_FEATURES = ["res2", "res3", "res4", "res5", "mask_features"]
     # POD window grids: each feature map is cut into s x s windows for every s.
     cfg.CONT.PLOP.POD_SCALES = [1, 2, 4]
-    # Pseudo-labels of the old classes: "mask" (CoMFormer's), "entropy" (PLOP's) or "none".
-    cfg.CONT.PLOP.PSEUDO_LABELS = "mask"
+    # Pseudo-labels of the old classes: "mask" (CoMFormer's, mask classification), "entropy"
+    # (PLOP's) or "none"; "": the variant's (comformer on mask classification: mask; else entropy).
+    cfg.CONT.PLOP.PSEUDO_LABELS = ""
     # "mask" pseudo-labels: teacher queries with a class score below this give none.
     cfg.CONT.PLOP.PSEUDO_THRESHOLD = 0.0
-    # "entropy" pseudo-labels: lowest per-class threshold on the normalised entropy.
+    # "entropy" pseudo-labels: lowest per-class threshold on the uncertainty (the normalised entropy;
+    # PLOP's own scaling on the per-pixel head, see continual/plop.py).
     cfg.CONT.PLOP.ENTROPY_THRESHOLD = 0.001
+    # "entropy" thresholds: "plop" (PLOP's histogram "median" over the step's training set, before
+    # the step), "fine" (the median from a fine histogram of the same pass), "batch" (per-batch
+    # medians); "": plop on the per-pixel head with the plop variant, else batch.
+    cfg.CONT.PLOP.ENTROPY_MEDIAN = ""
+    # Per-pixel head: scale each image's cross-entropy by its share of confident background
+    # pixels (PLOP's classif_adaptive_factor); None: the variant's (plop: True).
+    cfg.CONT.PLOP.ADAPTIVE_FACTOR = None
+    # Initialise the new classes as MiB does (PLOP's init_balanced); None: the variant's (plop:
+    # True).
+    cfg.CONT.PLOP.INIT = None
 
     # ---------------------------------------------------------------- data loading
     # Training batches each loader worker keeps ready (with DATALOADER.NUM_WORKERS > 0). torch's

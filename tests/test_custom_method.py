@@ -59,3 +59,28 @@ def test_a_method_registered_here_runs_a_two_step_scenario(tmp_path: Path):
     assert len(SEEN["kd"]) == 2 and abs(SEEN["kd"][0]) < 1e-6 and SEEN["kd"][1] > 0
     metrics = (tmp_path / "out/step1/metrics.json").read_text()
     assert "loss_kd" in metrics  # the trainer logged the method's loss
+
+
+def test_frozen_old_classifier_rows_stay_the_previous_steps(tmp_path: Path):
+    import torch
+
+    root = Path(generate(str(tmp_path / "data"), SPEC))
+    train, val = _register(root, "train"), _register(root, "val")
+    cfg = _cfg(
+        *TINY_OPTS,
+        "DATASETS.TRAIN", (train,), "DATASETS.TEST", (val,),
+        "OUTPUT_DIR", str(tmp_path / "out"), "CONT.METHOD", "ft",
+        "SOLVER.MAX_ITER", 2, "CONT.INC_ITERS_PER_CLASS", 0, "CONT.INC_MAX_ITER", 3,
+        "CONT.FREEZE_OLD_CLASSIFIER", True,
+        path=CONTINUAL_CFG,
+    )  # fmt: skip
+    cfg.freeze()
+    run_scenario(cfg)
+
+    def rows(step):
+        state = torch.load(tmp_path / f"out/step{step}/model_final.pth", weights_only=True)["model"]
+        return state["sem_seg_head.predictor.class_embed.weight"]
+
+    before, after = rows(0), rows(1)
+    assert torch.equal(after[:10], before[:10])  # old classes exactly as trained at step 0
+    assert not torch.equal(after[10:20], torch.zeros_like(after[10:20]))

@@ -14,6 +14,8 @@ from detectron2.modeling import build_model
 from detectron2.projects.deeplab import add_deeplab_config
 
 from comformer import add_comformer_config
+from comformer.continual import class_embed
+from comformer.modeling import classifier_extra_rows
 from comformer.modeling.backbone.swin import (
     D2SwinTransformer,
     PatchMerging,
@@ -390,9 +392,10 @@ def test_config_loads_and_builds(path):
     with torch.device("meta"):
         # building on the meta device checks the wiring and the shapes without allocating
         model = build_model(cfg)
-    assert (
-        len(model.sem_seg_head.predictor.class_embed.bias) == cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES + 1
-    )
+    # one row per class, plus no-object (mask classification; the per-pixel head without a
+    # background class)
+    rows = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES + classifier_extra_rows(cfg)
+    assert len(class_embed(model).bias) == rows
     rel = str(path.relative_to(REPO / "configs"))
     if rel in PUBLISHED_MPARAMS:
         mparams = sum(p.numel() for p in model.parameters()) / 1e6

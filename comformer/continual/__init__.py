@@ -3,7 +3,14 @@ the continual model that composes a Mask2Former student with them. Importing it 
 methods."""
 from . import baselines, comformer, mib, plop  # noqa: F401  (register the methods)
 from .classifier import class_embed, grow_classifier_state_dict
-from .method import METHOD_REGISTRY, ContinualMethod, Prediction, StepBatch, build_method
+from .method import (
+    METHOD_REGISTRY,
+    ContinualMethod,
+    Prediction,
+    StepBatch,
+    StepData,
+    build_method,
+)
 from .model import ContinualModel, build_continual_model, to_dataset_classes
 from .teacher import Teacher, config_with_classes
 
@@ -12,6 +19,7 @@ __all__ = [
     "ContinualMethod",
     "Prediction",
     "StepBatch",
+    "StepData",
     "build_method",
     "ContinualModel",
     "build_continual_model",

@@ -41,6 +41,11 @@ class CoMFormer(ContinualMethod):
     def __init__(self, cfg, scenario, step: int):
         super().__init__(cfg, scenario, step)
         c = cfg.CONT.COMFORMER
+        if self.per_pixel:
+            raise ValueError(
+                "CONT.METHOD comformer distils queries and pseudo-labels masks: it needs mask "
+                "classification (MODEL.MASK_FORMER.PER_PIXEL False)"
+            )
         activation = cfg.MODEL.MASK_FORMER.MASK_ACTIVATION
         if c.SOFTMAX_MASKS and activation != "softmax":
             raise ValueError(

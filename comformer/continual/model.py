@@ -2,9 +2,9 @@
 
 One step of a scenario trains ``ContinualModel(student, method, teacher)``:
 
-* the student is the plain ``MaskFormer`` of ``comformer.modeling``, built for the classes seen so
-  far (``MODEL.SEM_SEG_HEAD.NUM_CLASSES``), its classification loss the method's
-  (:meth:`~comformer.continual.method.ContinualMethod.class_loss`);
+* the student is the plain ``MaskFormer`` of ``comformer.modeling`` (mask classification or the
+  per-pixel head), built for the classes seen so far (``MODEL.SEM_SEG_HEAD.NUM_CLASSES``), its
+  classification loss the method's (:meth:`~comformer.continual.method.ContinualMethod.class_loss`);
 * the teacher (:class:`~comformer.continual.teacher.Teacher`) is the previous step's model,
   outside the module tree;
 * the method turns one :class:`~comformer.continual.method.StepBatch` into the losses.
@@ -24,11 +24,16 @@ from torch import nn
 
 from detectron2.modeling import build_model
 
-from ..modeling.criterion import SetCriterion
+from ..modeling import build_criterion
 from .method import ContinualMethod, Prediction, StepBatch
 from .teacher import Teacher
 
-__all__ = ["ContinualModel", "build_continual_model", "to_dataset_classes"]
+__all__ = [
+    "ContinualModel",
+    "build_continual_model",
+    "to_dataset_classes",
+    "scores_to_dataset_classes",
+]
 
 
 def to_dataset_classes(
@@ -53,6 +58,27 @@ def to_dataset_classes(
     index = torch.as_tensor(list(class_ids), device=mask_cls.device)
     out[..., index] = mask_cls[..., :-1]
     out[..., -1] = mask_cls[..., -1]
+    return out
+
+
+def scores_to_dataset_classes(
+    scores: torch.Tensor, class_ids: Sequence[int], num_dataset_classes: int
+) -> torch.Tensor:
+    """
+    Per-class scores in the model's order -> scores over the dataset's class ids.
+
+    Args:
+        scores: (K, H, W); row i is class ``class_ids[i]``.
+        class_ids: the K dataset class ids the model predicts.
+        num_dataset_classes: the dataset's class count.
+
+    Returns:
+        (num_dataset_classes, H, W), 0 for the classes the model does not predict.
+    """
+    if scores.shape[0] != len(class_ids):
+        raise ValueError(f"{scores.shape[0]} class scores for {len(class_ids)} class ids")
+    out = scores.new_zeros((num_dataset_classes,) + tuple(scores.shape[1:]))
+    out[torch.as_tensor(list(class_ids), device=scores.device)] = scores
     return out
 
 
@@ -100,6 +126,15 @@ class ContinualModel(nn.Module):
         student = self.student
         images = student.preprocess_images(batched_inputs)
         features, outputs = student.predict(images)
+        if not self.training and getattr(student, "per_pixel", False):
+            # Probabilities are remapped after the softmax: a -inf logit would not survive the
+            # bilinear upsampling (0 x inf).
+            results = student.inference(outputs, batched_inputs, images)
+            for r in results:
+                r["sem_seg"] = scores_to_dataset_classes(
+                    r["sem_seg"], self.class_ids, self.num_dataset_classes
+                )
+            return results
         if not self.training:
             logits = to_dataset_classes(
                 outputs["pred_logits"], self.class_ids, self.num_dataset_classes
@@ -116,6 +151,12 @@ class ContinualModel(nn.Module):
         if self.method is None:
             return batch.set_losses(outputs, targets)
         return self.method.losses(batch)
+
+    def prepare_batch(self, batched_inputs: List[Dict]):
+        """``(images, targets)`` of training inputs, as :meth:`forward` gives them to the method
+        (the normalised, padded batch and the student's targets)."""
+        images = self.student.preprocess_images(batched_inputs)
+        return images, self.student.prepare_targets(batched_inputs, images)
 
     def extra_repr(self) -> str:
         return f"method={self.method!r}, teacher={self.teacher!r}"
@@ -155,7 +196,7 @@ def build_continual_model(
     student = build_model(cfg)
     class_loss = method.class_loss() if method is not None else None
     if class_loss is not None:
-        student.criterion = SetCriterion(cfg, class_loss=class_loss).to(student.device)
+        student.criterion = build_criterion(cfg, class_loss=class_loss).to(student.device)
     teacher = None
     if method is not None and method.needs_teacher and step > 0:
         if previous_state is None:

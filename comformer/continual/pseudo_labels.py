@@ -21,6 +21,7 @@ from ..utils.timing import timed_function
 
 __all__ = [
     "covered_by_targets",
+    "per_class_median",
     "mask_pseudo_labels",
     "entropy_pseudo_labels",
     "add_pseudo_labels",
@@ -139,7 +140,7 @@ def mask_pseudo_labels(
     return _split_per_image(batch_idx, labels[batch_idx, query_idx], seg_masks, num_images)
 
 
-def _per_class_median(values: Tensor, classes: Tensor, num_classes: int) -> Tensor:
+def per_class_median(values: Tensor, classes: Tensor, num_classes: int) -> Tensor:
     """
     Lower median of ``values`` (in [0, 1]) within each class, vectorised by one sort.
 
@@ -211,7 +212,7 @@ def entropy_pseudo_labels(
     del pixel_probs
 
     candidate = ~covered & (pixel_label != num_labels - 1)
-    thresholds = _per_class_median(entropy[candidate], pixel_label[candidate], num_labels)
+    thresholds = per_class_median(entropy[candidate], pixel_label[candidate], num_labels)
     thresholds = thresholds.clamp(min=base_threshold)
     confident = candidate & (entropy < thresholds[pixel_label])
 

@@ -51,6 +51,10 @@ BUILTIN_SCENARIOS: Dict[str, Tuple[str, ...]] = {
     "voc_sem_seg": ("19-1", "15-5", "15-1", "10-1"),
     "synthetic_panoptic": ("10-10", "10-2"),
     "synthetic_sem_seg": ("10-10", "10-2"),
+    "synthetic_shapes_panoptic": ("10-10", "10-2"),
+    "synthetic_shapes_sem_seg": ("10-10", "10-2"),
+    # background + 12 objects: 9-3 and 9-1 split them as VOC's 15-5 and 15-1 split its 20
+    "synthetic_voc_sem_seg": ("9-3", "9-1"),
 }
 
 _TASK_RE = re.compile(r"^(\d+)-(\d+)$")
@@ -337,7 +341,7 @@ def _background_is_class(cfg, dataset: str, background: int) -> bool:
         raise ValueError(
             f"CONT.BACKGROUND={mode!r} is not valid; valid: {', '.join(BACKGROUND_MODES)}"
         )
-    per_pixel = bool(cfg.MODEL.MASK_FORMER.get("PER_PIXEL", False))
+    per_pixel = bool(cfg.MODEL.MASK_FORMER.PER_PIXEL)
     if per_pixel and mode == "no-object":
         raise ValueError(
             "CONT.BACKGROUND='no-object' with MODEL.MASK_FORMER.PER_PIXEL True: a per-pixel "

@@ -2,46 +2,58 @@
 
 import logging
 import os
-from typing import Dict, Optional
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 
 from detectron2.data.build import get_detection_dataset_dicts
 from detectron2.engine import HookBase, hooks
+from detectron2.utils import comm
 
 from ..continual import (
+    StepData,
     build_continual_model,
     build_method,
     class_embed,
     grow_classifier_state_dict,
 )
+from ..continual.classifier import CLASSIFIER_WEIGHT_KEYS
 from ..data.mappers import build_train_mapper
 from ..data.scenario import Scenario, register_step_dataset
-from ..data.stream import build_train_loader
+from ..data.stream import TrainingStream, build_train_loader
+from ..modeling import classifier_extra_rows
 from ..utils.io import load_checkpoint_state
 from .trainer import Trainer, _unwrap, build_optimizer
 
-__all__ = ["StepTrainer", "FreezeOldClassesHook", "check_checkpoint_classes"]
+__all__ = ["StepTrainer", "FreezeOldClassesHook", "StepDataHook", "check_checkpoint_classes"]
 
 logger = logging.getLogger(__name__)
 
 
-def check_checkpoint_classes(state: Dict[str, torch.Tensor], num_classes: int, path: str) -> None:
-    """Raise a clear error unless the checkpoint ``path`` predicts ``num_classes`` classes."""
-    key = "sem_seg_head.predictor.class_embed.weight"
-    if key not in state:
-        raise KeyError(f"{path} has no {key}: not a comformer / Mask2Former checkpoint")
-    found = state[key].shape[0] - 1
+def check_checkpoint_classes(
+    state: Dict[str, torch.Tensor], num_classes: int, path: str, extra_rows: int = 1
+) -> None:
+    """Raise a clear error unless the checkpoint ``path`` predicts ``num_classes`` classes with a
+    classifier of ``num_classes + extra_rows`` rows (see ``comformer.continual.classifier``)."""
+    keys = [k for k in CLASSIFIER_WEIGHT_KEYS if k in state]
+    if not keys:
+        raise KeyError(
+            f"{path} has none of {list(CLASSIFIER_WEIGHT_KEYS)}: not a comformer / Mask2Former "
+            "checkpoint"
+        )
+    found = state[keys[0]].shape[0] - extra_rows
     if found != num_classes:
         raise ValueError(
             f"{path} predicts {found} classes but the previous step of this scenario has "
-            f"{num_classes}: the checkpoint belongs to another scenario or step"
+            f"{num_classes}: the checkpoint belongs to another scenario or step (or to another "
+            "head: MODEL.MASK_FORMER.PER_PIXEL)"
         )
 
 
 class FreezeOldClassesHook(HookBase):
     """Keep the classifier rows of the old classes exactly as loaded: restores them after every
-    optimizer step (zeroing their gradients would not stop AdamW's weight decay)."""
+    optimizer step (zeroing their gradients would not stop AdamW's weight decay). The rows are
+    read when training starts, after the previous step's weights (or a checkpoint) are loaded."""
 
     def __init__(self, student: torch.nn.Module, num_old: int):
         """
@@ -52,12 +64,71 @@ class FreezeOldClassesHook(HookBase):
         self.num_old = num_old
         classifier = class_embed(student)
         self.params = [classifier.weight, classifier.bias]
-        self.saved = [p.detach()[:num_old].clone() for p in self.params]
+        self.saved = None
+
+    def before_train(self):
+        self.saved = [p.detach()[: self.num_old].clone() for p in self.params]
 
     def after_step(self):
         with torch.no_grad():
             for p, saved in zip(self.params, self.saved):
                 p[: self.num_old].copy_(saved)
+
+
+class StepDataHook(HookBase):
+    """
+    Before training, lets the method read the step's training data once with the teacher
+    (``ContinualMethod.before_step``, when the method ``needs_step_data``): this process's share of
+    the step's training images, each once, mapped by the training mapper under generators seeded
+    by ``(SEED, image index)`` (the training stream's rule, so a resumed run reads the same pixels),
+    in batches of the training batch size, prepared by the continual model as in training.
+    """
+
+    def __init__(
+        self, model, method, records: Sequence[dict], mapper, *, seed: int, batch_size: int
+    ):
+        """
+        Args:
+            model: the ``ContinualModel``.
+            method: its method.
+            records: the step's training records.
+            mapper: the training mapper.
+            seed: the training stream's seed.
+            batch_size: images per batch of this process.
+        """
+        self.model = model
+        self.method = method
+        self.stream = TrainingStream(
+            records,
+            mapper,
+            batch_size=batch_size,
+            seed=seed,
+            shuffle=False,
+            rank=comm.get_rank(),
+            world_size=comm.get_world_size(),
+        )
+        self.num_records = len(records)
+        self.batch_size = batch_size
+
+    def batches(self) -> Iterator:
+        positions = range(self.stream.rank, self.num_records, self.stream.world_size)
+        pending: List[dict] = []
+        for position in positions:
+            sample = self.stream.sample(position)
+            if sample is not None:
+                pending.append(sample)
+            if len(pending) == self.batch_size:
+                yield self.model.prepare_batch(pending)
+                pending = []
+        if pending:
+            yield self.model.prepare_batch(pending)
+
+    def before_train(self):
+        teacher = self.model.teacher
+        logger.info(f"{self.method!r}: reading the step's training images before training")
+        self.method.before_step(
+            StepData(batches=self.batches, teacher=None if teacher is None else teacher.predict)
+        )
 
 
 class StepTrainer(Trainer):
@@ -90,7 +161,10 @@ class StepTrainer(Trainer):
                 )
             self._previous_state = load_checkpoint_state(previous_weights)
             check_checkpoint_classes(
-                self._previous_state, scenario.num_seen(step - 1), previous_weights
+                self._previous_state,
+                scenario.num_seen(step - 1),
+                previous_weights,
+                classifier_extra_rows(cfg),
             )
         super().__init__(cfg)
 
@@ -117,6 +191,7 @@ class StepTrainer(Trainer):
             cfg, name, label_map=self.scenario.label_map(self.step, train_classes)
         )
         dataset = get_detection_dataset_dicts([name], filter_empty=False)
+        self._step_records, self._step_mapper = dataset, mapper
         return build_train_loader(cfg, dataset, mapper)
 
     def build_hooks(self):
@@ -127,6 +202,18 @@ class StepTrainer(Trainer):
                 0,
                 FreezeOldClassesHook(
                     _unwrap(self.model).student, self.scenario.num_seen(self.step - 1)
+                ),
+            )
+        if self.method.needs_step_data:
+            result.insert(
+                0,
+                StepDataHook(
+                    _unwrap(self.model),
+                    self.method,
+                    self._step_records,
+                    self._step_mapper,
+                    seed=self._stream.seed,
+                    batch_size=self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size(),
                 ),
             )
         return result
@@ -144,7 +231,10 @@ class StepTrainer(Trainer):
             return
         student = _unwrap(self.model).student
         state = grow_classifier_state_dict(
-            self._previous_state, student.state_dict(), self.scenario.num_seen(self.step - 1)
+            self._previous_state,
+            student.state_dict(),
+            self.scenario.num_seen(self.step - 1),
+            classifier_extra_rows(self.cfg),
         )
         student.load_state_dict(state)
         self.method.init_new_classes(class_embed(student))

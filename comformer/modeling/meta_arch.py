@@ -2,8 +2,12 @@
 
 Shapes: B images, Q queries, K classes (class logits have K+1 entries, the last is no-object),
 H W image size, h w mask-feature size (1/4 of the padded image).
+
+``MODEL.MASK_FORMER.PER_PIXEL True`` swaps the transformer decoder and its set criterion for the
+per-pixel head and its cross-entropy (``per_pixel.py``); the backbone, pixel decoder, batching and
+the model contract stay the same.
 """
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -16,7 +20,7 @@ from detectron2.modeling.backbone import Backbone
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
 
-from .criterion import SetCriterion
+from .criterion import ClassLoss, SetCriterion
 from .inference import (
     MASK_ACTIVATIONS,
     instance_inference,
@@ -24,8 +28,46 @@ from .inference import (
     semantic_inference,
     semantic_inference_with_background,
 )
+from .per_pixel import (
+    PerPixelCriterion,
+    PerPixelHead,
+    PixelLoss,
+    per_pixel_has_no_object,
+    per_pixel_targets,
+)
 
-__all__ = ["MaskFormer"]
+__all__ = ["MaskFormer", "build_criterion", "classifier_extra_rows"]
+
+
+def build_criterion(
+    cfg, class_loss: Optional[Union[ClassLoss, PixelLoss]] = None
+) -> nn.Module:
+    """
+    The training criterion of ``cfg``'s model: the set criterion (mask classification), or the
+    per-pixel one (``MODEL.MASK_FORMER.PER_PIXEL``).
+
+    Args:
+        cfg: the config.
+        class_loss: replaces the default classification loss: a :data:`~.criterion.ClassLoss`
+            (mask classification) or a :data:`~.per_pixel.PixelLoss` (per-pixel); None: the
+            default (Mask2Former's weighted cross-entropy, or the per-pixel cross-entropy).
+    """
+    if cfg.MODEL.MASK_FORMER.PER_PIXEL:
+        return PerPixelCriterion(
+            cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
+            no_object=per_pixel_has_no_object(cfg),
+            ignore_value=cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
+            pixel_loss=class_loss,
+        )
+    return SetCriterion(cfg, class_loss=class_loss)
+
+
+def classifier_extra_rows(cfg) -> int:
+    """Rows of ``cfg``'s classifier besides one per class: the no-object row (mask
+    classification always; the per-pixel head on datasets without a background class)."""
+    if cfg.MODEL.MASK_FORMER.PER_PIXEL:
+        return int(per_pixel_has_no_object(cfg))
+    return 1
 
 
 @META_ARCH_REGISTRY.register()
@@ -59,6 +101,8 @@ class MaskFormer(nn.Module):
         test_topk_per_image: int,
         mask_activation: str = "sigmoid",
         semantic_background_class: int = -1,
+        per_pixel: bool = False,
+        ignore_value: int = 255,
     ):
         """
         Args:
@@ -81,6 +125,10 @@ class MaskFormer(nn.Module):
                 that the model does not predict (it is no-object): pixels take the class of the
                 panoptic-style segment covering them, the others c
                 (:func:`semantic_inference_with_background`, as CoMFormer's code on such data).
+            per_pixel: ``sem_seg_head`` is a :class:`~.per_pixel.PerPixelHead` and ``criterion`` a
+                :class:`~.per_pixel.PerPixelCriterion`: per-pixel training targets from the inputs'
+                ``sem_seg``, semantic inference only.
+            ignore_value: label of ignored pixels in ``sem_seg`` (per-pixel training).
         """
         super().__init__()
         if mask_activation not in MASK_ACTIVATIONS:
@@ -110,6 +158,14 @@ class MaskFormer(nn.Module):
         if semantic_background_class >= 0:
             # segments need full-resolution masks
             self.sem_seg_postprocess_before_inference = True
+        self.per_pixel = bool(per_pixel)
+        self.ignore_value = ignore_value
+        if self.per_pixel and (self.panoptic_on or self.instance_on or not self.semantic_on):
+            raise ValueError(
+                "MODEL.MASK_FORMER.PER_PIXEL: the per-pixel head predicts semantic segmentation "
+                "only; set MODEL.MASK_FORMER.TEST.SEMANTIC_ON True and PANOPTIC_ON, INSTANCE_ON "
+                "False"
+            )
         if not self.semantic_on and (self.panoptic_on or self.instance_on):
             # panoptic/instance inference needs full-resolution masks
             self.sem_seg_postprocess_before_inference = True
@@ -117,12 +173,16 @@ class MaskFormer(nn.Module):
     @classmethod
     def from_config(cls, cfg):
         backbone = build_backbone(cfg)
-        sem_seg_head = build_sem_seg_head(cfg, backbone.output_shape())
         mf = cfg.MODEL.MASK_FORMER
+        if mf.PER_PIXEL:
+            # MODEL.SEM_SEG_HEAD.NAME names the mask-classification head; the switch replaces it.
+            sem_seg_head = PerPixelHead(cfg, backbone.output_shape())
+        else:
+            sem_seg_head = build_sem_seg_head(cfg, backbone.output_shape())
         return {
             "backbone": backbone,
             "sem_seg_head": sem_seg_head,
-            "criterion": SetCriterion(cfg),
+            "criterion": build_criterion(cfg),
             "num_queries": mf.NUM_OBJECT_QUERIES,
             "object_mask_threshold": mf.TEST.OBJECT_MASK_THRESHOLD,
             "overlap_threshold": mf.TEST.OVERLAP_THRESHOLD,
@@ -141,6 +201,8 @@ class MaskFormer(nn.Module):
             "test_topk_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
             "mask_activation": mf.MASK_ACTIVATION,
             "semantic_background_class": mf.TEST.SEMANTIC_BACKGROUND_CLASS,
+            "per_pixel": mf.PER_PIXEL,
+            "ignore_value": cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
         }
 
     @property
@@ -189,9 +251,30 @@ class MaskFormer(nn.Module):
         weight_dict = self.criterion.weight_dict
         return {k: v * weight_dict[k] for k, v in losses.items() if k in weight_dict}
 
-    def prepare_targets(self, batched_inputs: List[Dict], images: ImageList) -> List[Dict]:
-        """Ground truth per image: labels (N,) and masks (N, H_pad, W_pad) padded like the image."""
+    def prepare_targets(self, batched_inputs: List[Dict], images: ImageList):
+        """
+        Mask classification: ground truth per image, labels (N,) and masks (N, H_pad, W_pad)
+        padded like the image. Per-pixel: ``{"sem_seg": (B, H_pad, W_pad)}`` the labels of each
+        pixel (see :func:`~.per_pixel.per_pixel_targets`).
+        """
         h_pad, w_pad = images.tensor.shape[-2:]
+        if self.per_pixel:
+            missing = [i for i, x in enumerate(batched_inputs) if "sem_seg" not in x]
+            if missing:
+                raise KeyError(
+                    "per-pixel training needs 'sem_seg' label maps in the inputs (the semantic "
+                    f"mapper's); inputs {missing[:5]} have none"
+                )
+            labels = per_pixel_targets(
+                [x["sem_seg"] for x in batched_inputs],
+                images.image_sizes,
+                (h_pad, w_pad),
+                num_classes=self.num_classes,
+                no_object=self.sem_seg_head.no_object,
+                ignore_value=self.ignore_value,
+                device=self.device,
+            )
+            return {"sem_seg": labels}
         targets = []
         for x in batched_inputs:
             if "instances" not in x:
@@ -212,8 +295,11 @@ class MaskFormer(nn.Module):
         """
         Per-image results (see the class docstring) from the prediction dict; the class entries
         of ``outputs["pred_logits"]`` are the output classes of ``sem_seg`` and the category ids
-        of the panoptic and instance results.
+        of the panoptic and instance results. Per-pixel: ``sem_seg`` only, the softmax of
+        ``outputs["sem_logits"]`` without the no-object channel.
         """
+        if self.per_pixel:
+            return self._per_pixel_inference(outputs["sem_logits"], batched_inputs, images)
         mask_cls_results = outputs["pred_logits"]
         # upsample the 1/4-resolution masks to the padded input size
         mask_pred_results = F.interpolate(
@@ -268,4 +354,19 @@ class MaskFormer(nn.Module):
                     mask_activation=self.mask_activation,
                 )
             processed.append(result)
+        return processed
+
+    def _per_pixel_inference(
+        self, sem_logits: torch.Tensor, batched_inputs: List[Dict], images: ImageList
+    ) -> List[Dict]:
+        logits = F.interpolate(
+            sem_logits, size=images.tensor.shape[-2:], mode="bilinear", align_corners=False
+        )
+        num_classes = self.num_classes
+        processed = []
+        for logit, x, image_size in zip(logits, batched_inputs, images.image_sizes):
+            height = x.get("height", image_size[0])
+            width = x.get("width", image_size[1])
+            logit = sem_seg_postprocess(logit, image_size, height, width)
+            processed.append({"sem_seg": logit.softmax(dim=0)[:num_classes]})
         return processed
