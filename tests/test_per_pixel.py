@@ -253,11 +253,14 @@ def test_pod_factor_and_weights_of_each_variant():
     cfg = _config("CONT.METHOD", "plop", "CONT.PLOP.POD_FACTOR", "comformer")
     plop = build_method(cfg, s, 1)
     assert math.isclose(plop.pod_factor, math.sqrt(3 / 13))  # CoMFormer's port: the inverse
-    # CoMFormer's port on mask classification, as before
+    # CoMFormer's port on mask classification, as before; there the background is no-object, so
+    # the scenario has 9 old + 3 new classes
     cfg = _config("CONT.METHOD", "plop", "MODEL.MASK_FORMER.PER_PIXEL", False)
-    plop = build_method(cfg, s, 1)
+    plop = build_method(cfg, build_scenario(cfg), 1)
     assert plop.variant == "comformer" and not plop.pod_square and plop.pseudo_labels == "mask"
-    assert math.isclose(plop.pod_weight, 0.001 * math.sqrt(3 / 13)) and not plop.needs_step_data
+    assert math.isclose(plop.pod_weight, 0.001 * math.sqrt(3 / 12)) and not plop.needs_step_data
+    with pytest.raises(ValueError, match="CONT.BACKGROUND 'auto' or 'no-object'"):
+        build_method(cfg, s, 1)  # a mask model on the per-pixel scenario's background class
     # PLOP's ADE20K weights, by dataset
     steps = (tuple(range(100)), tuple(range(100, 150)))
     ade = Scenario(dataset="ade20k_sem_seg_train", task="100-50", steps=steps, num_classes=150)
@@ -519,3 +522,38 @@ def test_two_step_per_pixel_scenario(tiny_voc, tmp_path, monkeypatch, method, ex
     assert state["sem_seg_head.predictor.weight"].shape[0] == 13  # background + 9 + 3
     if method == "plop":  # computed before the step, one threshold per teacher channel
         assert seen["thresholds"].shape == (10,) and (seen["thresholds"] >= 0.001).all()
+
+
+@pytest.mark.parametrize(
+    "method, opts, extra_key",
+    [
+        ("comformer", ["MODEL.MASK_FORMER.MASK_ACTIVATION", "softmax"], "loss_kd"),
+        ("mib", [], "loss_kd"),
+    ],
+)
+def test_two_step_mask_classification_scenario_on_a_background_dataset(
+    tiny_voc, tmp_path, monkeypatch, method, opts, extra_key
+):
+    """Mask classification on the background set: the background is no-object for the model
+    (CoMFormer's convention), still evaluated (as an old class), and the pseudo-labels / unbiased
+    losses act on the unlabelled old-class pixels."""
+    monkeypatch.setenv("COMFORMER_CACHE", str(tmp_path / "cache"))
+    cfg = _cfg(
+        *TINY_OPTS,
+        "DATASETS.TRAIN", (tiny_voc["train"],), "DATASETS.TEST", (tiny_voc["val"],),
+        "INPUT.MIN_SIZE_TRAIN", (48,), "INPUT.MIN_SIZE_TEST", 48, "INPUT.CROP.SIZE", (48, 48),
+        "INPUT.SIZE_DIVISIBILITY", 48, "MODEL.MASK_FORMER.PER_PIXEL", False,
+        "OUTPUT_DIR", str(tmp_path / "out"), "CONT.METHOD", method, *opts,
+        "SOLVER.MAX_ITER", 2, "CONT.INC_ITERS_PER_CLASS", 0, "CONT.INC_MAX_ITER", 2,
+        path=PER_PIXEL_CFG,
+    )  # fmt: skip
+    cfg.freeze()
+    scenario = build_scenario(cfg)
+    assert not scenario.background_is_class and scenario.steps[0] == tuple(range(1, 10))
+    rows = run_scenario(cfg)
+    assert [r["step"] for r in rows] == [0, 1]
+    assert "IoU-background" in rows[0] and "IoU-background" in rows[1]  # evaluated at every step
+    assert extra_key in (tmp_path / "out/step1/metrics.json").read_text()
+    state = torch.load(tmp_path / "out/step1/model_final.pth", weights_only=True)["model"]
+    # 9 + 3 object classes + no-object: the background is not a class of the model
+    assert state["sem_seg_head.predictor.class_embed.weight"].shape[0] == 13
