@@ -1,67 +1,50 @@
 #!/usr/bin/env python
-"""Continual methods compared on the synthetic panoptic scenarios (CPU by default).
+"""Continual methods compared on a synthetic panoptic benchmark (CPU by default).
 
-For each seed, the base step is trained once and every method of every scenario with that many base
-classes continues from that same base model (as the papers compare methods); each run goes through tools/train_net.py, so the numbers
-are the ones a user gets from the configs. Prints old / new / all PQ and mIoU after the last step
-(mean ± sd over seeds) and writes bench/results/continual_synthetic.json.
+Every run goes through tools/train_net.py with the scenario's config (``<task>-comformer.yaml`` for
+CoMFormer: softmax masks and the focal loss at every step, its base included), so the numbers are
+the ones a user gets. Each method starts from a base trained with its own step-0 losses: per seed
+and scenario, the methods with equal base signatures (comformer/engine/bases.py; ft, mib and plop
+share Mask2Former's base, CoMFormer trains its own) share one base run, trained by the first of
+them in alphabetical order, whatever the order of --methods. ``joint`` trains every step offline
+(the upper bound). Prints old / new / all PQ and mIoU after the last step (mean ± sd over seeds) and
+writes the JSON (default bench/results/continual_<dataset>.json).
 
-    .venv/bin/python bench/continual_synthetic.py --scenarios 10-10 10-2 --seeds 0 1 2
-    .venv/bin/python bench/continual_synthetic.py --methods ft comformer --base-iters 300   # quicker
-    .venv/bin/python bench/continual_synthetic.py --jobs 2   # seeds in parallel, 1 thread each
+    .venv/bin/python bench/continual_synthetic.py --seeds 0 1 2            # the benchmark
+    .venv/bin/python bench/continual_synthetic.py --methods ft comformer --seeds 0 --scenarios 10-10
+    .venv/bin/python bench/continual_synthetic.py --jobs 2                  # two runs at a time
 
-The JSON is rewritten after every run, so an interrupted benchmark keeps what it measured; run the
-same command again to go on (finished steps are skipped, a killed step resumes from its checkpoint).
-
-By default the shared base model uses softmax masks across queries (CoMFormer's architecture) and
-every method runs with them, so the methods differ only in their incremental-step losses. With
---per-activation, methods using sigmoid masks (ft, joint, mib, plop by default) continue from a
-second base trained with sigmoid masks (twice the base cost).
+The JSON is rewritten after every run, so an interrupted benchmark keeps what it measured; the same
+command again goes on (finished steps are skipped, a killed step resumes from its checkpoint).
+Extra config options go after --opts (e.g. --opts CONT.COMFORMER.KD_WEIGHT 2).
 """
 import argparse
 import json
-import threading
 import math
 import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = "configs/synthetic/panoptic-segmentation/continual/{task}.yaml"
+sys.path.insert(0, str(REPO))
+
+DATASETS = {
+    # name: config template ({task}, {suffix} "" or "-comformer")
+    "shapes": "configs/synthetic_shapes/panoptic-segmentation/continual/{task}{suffix}.yaml",
+    "synthetic": "configs/synthetic/panoptic-segmentation/continual/{task}{suffix}.yaml",
+}
 METHODS = ("ft", "joint", "mib", "plop", "comformer")
 KEYS = ("PQ_old", "PQ_new", "PQ_all", "mIoU_old", "mIoU_new", "mIoU_all")
 
 
-def _train(task, method, seed, out, activation, base_weights, args, env) -> float:
-    cmd = [
-        sys.executable,
-        str(REPO / "tools/train_net.py"),
-        "--config-file",
-        str(REPO / CONFIG.format(task=task)),
-        "--resume",  # a rerun skips finished steps and continues a killed one
-        "CONT.METHOD", method,
-        "SEED", str(seed),
-        "MODEL.DEVICE", args.device,
-        "MODEL.MASK_FORMER.MASK_ACTIVATION", activation,
-        "SOLVER.MAX_ITER", str(args.base_iters),
-        "CONT.INC_ITERS_PER_CLASS", str(args.iters_per_class),
-        "CONT.VIS_IMAGES", "0",
-        "OUTPUT_DIR", str(out),
-    ]  # fmt: skip
-    if activation == "sigmoid":
-        cmd += ["CONT.COMFORMER.SOFTMAX_MASKS", "False"]
-    if base_weights:
-        cmd += ["CONT.BASE_WEIGHTS", str(base_weights)]
-    start = time.perf_counter()
-    with open(out.parent / f"{out.name}.log", "w") as log:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{task} seed {seed} {method} failed (exit {proc.returncode}); see {log.name}")
-    return time.perf_counter() - start
+def method_config(dataset: str, task: str, method: str) -> Path:
+    suffix = "-comformer" if method == "comformer" else ""
+    return REPO / DATASETS[dataset].format(task=task, suffix=suffix)
 
 
 def _mean_sd(values):
@@ -73,66 +56,96 @@ def _mean_sd(values):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--dataset", choices=sorted(DATASETS), default="shapes")
     parser.add_argument("--scenarios", nargs="+", default=["10-10", "10-2"])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--base-iters", type=int, default=800)
-    parser.add_argument("--iters-per-class", type=int, default=15)
-    parser.add_argument("--per-activation", action="store_true")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--jobs", type=int, default=1, help="seeds run in parallel")
-    parser.add_argument("--workdir", default="output/bench_continual_synthetic")
-    parser.add_argument("--output", default="bench/results/continual_synthetic.json")
+    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (one torch thread each)")
+    parser.add_argument("--workdir", default=None, help="default output/bench_continual_<dataset>")
+    parser.add_argument("--output", default=None, help="default bench/results/continual_<dataset>.json")
+    parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[])
     args = parser.parse_args()
 
-    env = dict(os.environ)
-    if args.jobs > 1:
-        # one torch thread per job: oversubscribed cores make every step several times slower
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
-    runs, lock = [], threading.Lock()
-    output = REPO / args.output
-    output.parent.mkdir(parents=True, exist_ok=True)
+    import comformer  # noqa: F401  (registers datasets and methods)
+    from comformer.continual import METHOD_REGISTRY
+    from comformer.engine.bases import base_owners
+    from comformer.engine.trainer import load_config
 
-    def run_seed(seed):
-        base = {}  # (activation, number of base classes) -> step-0 weights of this seed
-        for task in args.scenarios:
-            num_base = task.split("-")[0]
-            for method in args.methods:
-                activation = "softmax"
-                if args.per_activation and method != "comformer":
-                    activation = "sigmoid"
-                out = REPO / args.workdir / task / f"seed{seed}" / method
-                out.parent.mkdir(parents=True, exist_ok=True)
-                key = (activation, num_base)
-                wall = _train(task, method, seed, out, activation, base.get(key), args, env)
-                base.setdefault(key, out / "step0" / "model_final.pth")
-                rows = json.loads((out / "results.json").read_text())
-                last = rows[-1]
-                run = {"task": task, "seed": seed, "method": method, "activation": activation,
-                       "wall_s": wall, "steps": rows, **{k: last.get(k) for k in KEYS}}  # fmt: skip
-                with lock:
-                    runs.append(run)
-                    output.write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1))
-                    print(f"{task} seed {seed} {method}: " + ", ".join(
-                        f"{k} {last.get(k, float('nan')):.1f}" for k in KEYS) + f" ({wall:.0f} s)",
-                        flush=True)  # fmt: skip
+    registered = {name.lower() for name, _ in METHOD_REGISTRY}
+    unknown = [m for m in args.methods if m not in registered]
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}; valid: {', '.join(sorted(registered))}")
+    workdir = REPO / (args.workdir or f"output/bench_continual_{args.dataset}")
+    output = REPO / (args.output or f"bench/results/continual_{args.dataset}.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = env.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))
+
+    def opts(task, method, seed):
+        out = workdir / task / f"seed{seed}" / method
+        return out, ["SEED", str(seed), "MODEL.DEVICE", args.device, "CONT.METHOD", method,
+                     "CONT.VIS_IMAGES", "0", "OUTPUT_DIR", str(out), *args.opts]  # fmt: skip
+
+    # One job per (scenario, seed, method); a method that adopts a base waits for its owner's run.
+    jobs, done_events = [], {}
+    for task in args.scenarios:
+        for seed in args.seeds:
+            cfgs = {
+                m: load_config(str(method_config(args.dataset, task, m)), opts(task, m, seed)[1])
+                for m in args.methods
+            }
+            owners = base_owners(cfgs)
+            for m in sorted(args.methods, key=lambda m: owners[m] != m):
+                jobs.append((task, seed, m, owners[m]))
+                done_events[(task, seed, m)] = threading.Event()
+
+    runs, lock = [], threading.Lock()
+
+    def run(job):
+        task, seed, method, owner = job
+        out, extra = opts(task, method, seed)
+        cmd = [sys.executable, str(REPO / "tools/train_net.py"), "--resume",
+               "--config-file", str(method_config(args.dataset, task, method)), *extra]  # fmt: skip
+        if owner != method:
+            done_events[(task, seed, owner)].wait()
+            cmd += ["CONT.BASE_WEIGHTS", str(opts(task, owner, seed)[0] / "step0" / "model_final.pth")]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        try:
+            with open(out.parent / f"{method}.log", "w") as log:
+                proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{task} seed {seed} {method} failed; see {out.parent / (method + '.log')}")
+        finally:
+            done_events[(task, seed, method)].set()
+        wall = time.perf_counter() - start
+        rows = json.loads((out / "results.json").read_text())
+        last = rows[-1]
+        record = {"task": task, "seed": seed, "method": method, "base_of": owner, "wall_s": wall,
+                  "steps": rows, **{k: last.get(k) for k in KEYS}}  # fmt: skip
+        with lock:
+            runs.append(record)
+            output.write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1))
+            print(f"{task} seed {seed} {method} (base: {owner}'s): "
+                  + ", ".join(f"{k} {last.get(k, float('nan')):.1f}" for k in KEYS)
+                  + f" ({wall:.0f} s)", flush=True)  # fmt: skip
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        for future in [pool.submit(run_seed, seed) for seed in args.seeds]:
+        for future in [pool.submit(run, job) for job in jobs]:
             future.result()
 
     summary = []
-    print(f"\nsynthetic panoptic, after the last step; mean ± sd over seeds {args.seeds}; base "
-          f"{args.base_iters} it, {args.iters_per_class} it per new class")
-    print("| scenario | method | " + " | ".join(KEYS) + " |")
-    print("|---|---|" + "---:|" * len(KEYS))
+    title = (f"synthetic {args.dataset} panoptic, after the last step; mean ± sd over seeds "
+             f"{args.seeds}")  # fmt: skip
+    lines = [title, "| scenario | method | " + " | ".join(KEYS) + " |", "|---|---|" + "---:|" * len(KEYS)]
     for task in args.scenarios:
         for method in args.methods:
             sel = [r for r in runs if r["task"] == task and r["method"] == method]
             stats = {k: _mean_sd([r[k] for r in sel]) for k in KEYS}
             summary.append({"task": task, "method": method, **{k: list(v) for k, v in stats.items()}})
-            cells = " | ".join(f"{m:.1f} ± {s:.1f}" for m, s in stats.values())
-            print(f"| {task} | {method} | {cells} |")
+            lines.append(f"| {task} | {method} | " + " | ".join(f"{m:.1f} ± {s:.1f}" for m, s in stats.values()) + " |")
+    print("\n" + "\n".join(lines))
     output.write_text(json.dumps({"args": vars(args), "summary": summary, "runs": runs}, indent=1))
     print(f"wrote {output}")
     return 0
