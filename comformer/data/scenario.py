@@ -51,6 +51,10 @@ BUILTIN_SCENARIOS: Dict[str, Tuple[str, ...]] = {
     "voc_sem_seg": ("19-1", "15-5", "15-1", "10-1"),
     "synthetic_panoptic": ("10-10", "10-2"),
     "synthetic_sem_seg": ("10-10", "10-2"),
+    "synthetic_shapes_panoptic": ("10-10", "10-2"),
+    "synthetic_shapes_sem_seg": ("10-10", "10-2"),
+    # background + 12 objects: 9-3 and 9-1 split them as VOC's 15-5 and 15-1 split its 20
+    "synthetic_voc_sem_seg": ("9-3", "9-1"),
 }
 
 _TASK_RE = re.compile(r"^(\d+)-(\d+)$")

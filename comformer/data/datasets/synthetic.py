@@ -19,7 +19,11 @@ The files follow ADE20K panoptic as prepared for Mask2Former::
         generator.json                               the parameters the files were made with
 
 Generation is seeded per image, written to a temporary folder and renamed into place, under a file
-lock, so concurrent first uses (several test workers, several ranks) generate it once.
+lock, so concurrent first uses (several test workers, several ranks) generate it once. That machinery
+(:func:`generate`, :func:`ensure_generated`) writes any *spec*: an object with ``num_images(split)``,
+``categories()``, ``render(index, split)`` (as :func:`render_image`) and ``record()`` (what the
+cached copy must match). This module's :class:`SyntheticSpec` is one; the benchmark and the
+background-class sets of ``synthetic_shapes.py`` are others.
 
 Run as a script to (re)generate: ``python -m comformer.data.datasets.synthetic --help``.
 """
@@ -32,12 +36,13 @@ import os
 import shutil
 import sys
 import tempfile
-from typing import Dict, List, Optional, Tuple
+from typing import ClassVar, Dict, List, Optional, Tuple
 
 import numpy as np
 from PIL import Image
 
 __all__ = [
+    "GeneratorSpec",
     "SyntheticSpec",
     "SHAPES",
     "THING_TEXTURES",
@@ -45,8 +50,11 @@ __all__ = [
     "PALETTE",
     "synthetic_categories",
     "render_image",
+    "interleave_categories",
+    "finish_segments",
     "generate",
     "ensure_generated",
+    "spec_kinds",
 ]
 
 logger = logging.getLogger(__name__)
@@ -82,9 +90,36 @@ PALETTE = np.array(
 )
 
 
+class GeneratorSpec:
+    """
+    What the writing machinery needs of a spec, besides ``num_train`` / ``num_val`` fields and
+    ``categories()`` / ``render(index, split)`` methods: the split sizes, and the record stored in
+    ``generator.json`` that a cached copy must match (a spec's fields, its kind and the version of
+    its drawing code, so that a change of either regenerates the data).
+    """
+
+    # Name of the generator (stored in generator.json) and version of its drawing code.
+    kind: ClassVar[str] = ""
+    version: ClassVar[int] = 0
+    # Folder under the data root of the registered copy.
+    default_folder: ClassVar[str] = ""
+
+    def num_images(self, split: str) -> int:
+        if split not in ("train", "val"):
+            raise ValueError(f"unknown synthetic split {split!r}; valid: 'train', 'val'")
+        return self.num_train if split == "train" else self.num_val
+
+    def record(self) -> Dict:
+        return {"kind": self.kind, "version": self.version, "spec": dataclasses.asdict(self)}
+
+
 @dataclasses.dataclass(frozen=True)
-class SyntheticSpec:
+class SyntheticSpec(GeneratorSpec):
     """Every count and size of the synthetic dataset; the defaults are the registered dataset."""
+
+    kind: ClassVar[str] = "mixed"
+    version: ClassVar[int] = GENERATOR_VERSION
+    default_folder: ClassVar[str] = "synthetic"
 
     num_train: int = 300
     num_val: int = 100
@@ -133,10 +168,15 @@ class SyntheticSpec:
     def num_classes(self) -> int:
         return self.num_thing_classes + self.num_stuff_classes
 
-    def num_images(self, split: str) -> int:
-        if split not in ("train", "val"):
-            raise ValueError(f"unknown synthetic split {split!r}; valid: 'train', 'val'")
-        return self.num_train if split == "train" else self.num_val
+    def categories(self) -> List[Dict]:
+        return synthetic_categories(self)
+
+    def render(self, index: int, split: str):
+        return render_image(self, index, split)
+
+    def record(self) -> Dict:
+        # The first generator's record, kept so that existing copies stay valid.
+        return {"version": GENERATOR_VERSION, "spec": dataclasses.asdict(self)}
 
 
 def synthetic_categories(spec: SyntheticSpec = SyntheticSpec()) -> List[Dict]:
@@ -152,17 +192,24 @@ def synthetic_categories(spec: SyntheticSpec = SyntheticSpec()) -> List[Dict]:
         for shape, texture in things
     ]
     stuff_cats = [{"name": t, "isthing": 0} for t in STUFF_TEXTURES[: spec.num_stuff_classes]]
-    # Things and stuff interleaved in proportion (like ADE20K's order), so that any prefix of the
-    # classes, e.g. a continual scenario's base step, holds both kinds.
-    keyed = [((i + 0.5) / len(thing_cats), 0, c) for i, c in enumerate(thing_cats)]
-    keyed += [((i + 0.5) / len(stuff_cats), 1, c) for i, c in enumerate(stuff_cats)]
-    cats = [c for _, _, c in sorted(keyed, key=lambda k: (k[0], k[1]))]
+    cats = interleave_categories(thing_cats, stuff_cats)
     # Visualisation colours, distinct per class (unlike the rendering palette).
     rng = np.random.RandomState(1234)
     for i, cat in enumerate(cats):
         cat["id"] = i + 1
         cat["color"] = [int(c) for c in rng.randint(30, 256, size=3)]
     return [{k: c[k] for k in ("id", "name", "isthing", "color")} for c in cats]
+
+
+def interleave_categories(things: List[Dict], stuff: List[Dict]) -> List[Dict]:
+    """
+    Things and stuff interleaved in proportion (like ADE20K's order), so that any prefix of the
+    classes, e.g. a continual scenario's base step, holds both kinds. Each list keeps its order;
+    on a tie the thing comes first.
+    """
+    keyed = [((i + 0.5) / len(things), 0, c) for i, c in enumerate(things)]
+    keyed += [((i + 0.5) / len(stuff), 1, c) for i, c in enumerate(stuff)]
+    return [c for _, _, c in sorted(keyed, key=lambda k: (k[0], k[1]))]
 
 
 # --------------------------------------------------------------------------------------- drawing
@@ -358,15 +405,34 @@ def render_image(
     image = image * gain + bias + rng.normal(0, spec.noise_std, size=image.shape)
     image = np.clip(np.round(image), 0, 255).astype(np.uint8)
 
-    # Segments that occlusion left too small are void: too ambiguous to be labelled.
+    segments = finish_segments(seg, seg_category, set(thing_ids), spec.min_segment_area)
+    return image, seg, segments
+
+
+def finish_segments(
+    seg: np.ndarray, seg_category: Dict[int, int], thing_ids: set, min_thing_area: int
+) -> List[Dict]:
+    """
+    The ``segments_info`` of a drawn segment id map. Thing segments that occlusion left with
+    fewer than ``min_thing_area`` pixels become void (0) in ``seg``, in place: too ambiguous to be
+    labelled. Segments without a pixel are left out.
+
+    Args:
+        seg: (H, W) int32 segment ids, 0 = void.
+        seg_category: segment id -> 1-based dataset category id.
+        thing_ids: the dataset ids of thing categories.
+        min_thing_area: minimum visible pixels of a thing segment.
+
+    Returns:
+        [{"id", "category_id", "iscrowd": 0, "area", "bbox" [x, y, w, h]}] in segment id order.
+    """
     segments = []
-    thing_set = set(thing_ids)
     for seg_id, cat in seg_category.items():
         sel = seg == seg_id
         area = int(sel.sum())
         if area == 0:
             continue
-        if cat in thing_set and area < spec.min_segment_area:
+        if cat in thing_ids and area < min_thing_area:
             seg[sel] = 0
             continue
         rows, cols = np.nonzero(sel)
@@ -375,7 +441,7 @@ def render_image(
         segments.append(
             {"id": int(seg_id), "category_id": cat, "iscrowd": 0, "area": area, "bbox": bbox}
         )
-    return image, seg, segments
+    return segments
 
 
 # ------------------------------------------------------------------------------------ writing
@@ -386,7 +452,7 @@ def _id2rgb(seg: np.ndarray) -> np.ndarray:
     return rgb
 
 
-def _write_split(folder: str, spec: SyntheticSpec, split: str, categories: List[Dict]) -> None:
+def _write_split(folder: str, spec: GeneratorSpec, split: str, categories: List[Dict]) -> None:
     contiguous = {c["id"]: i for i, c in enumerate(categories)}
     image_dir = os.path.join(folder, "images", split)
     pan_dir = os.path.join(folder, f"panoptic_{split}")
@@ -395,7 +461,7 @@ def _write_split(folder: str, spec: SyntheticSpec, split: str, categories: List[
         os.makedirs(d, exist_ok=True)
     images, annotations = [], []
     for index in range(spec.num_images(split)):
-        image, seg, segments = render_image(spec, index, split)
+        image, seg, segments = spec.render(index, split)
         stem = f"{index:06d}"
         Image.fromarray(image).save(os.path.join(image_dir, stem + ".png"))
         Image.fromarray(_id2rgb(seg)).save(os.path.join(pan_dir, stem + ".png"))
@@ -411,11 +477,7 @@ def _write_split(folder: str, spec: SyntheticSpec, split: str, categories: List[
         json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
 
 
-def _spec_record(spec: SyntheticSpec) -> Dict:
-    return {"version": GENERATOR_VERSION, "spec": dataclasses.asdict(spec)}
-
-
-def generate(folder: str, spec: SyntheticSpec = SyntheticSpec()) -> str:
+def generate(folder: str, spec: GeneratorSpec = SyntheticSpec()) -> str:
     """
     Write the whole dataset into ``folder`` (replacing it), atomically: the files are written to a
     temporary sibling folder that is renamed into place at the end, so an interrupted run leaves
@@ -428,11 +490,11 @@ def generate(folder: str, spec: SyntheticSpec = SyntheticSpec()) -> str:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".synthetic-tmp-", dir=parent)
     try:
-        categories = synthetic_categories(spec)
+        categories = spec.categories()
         for split in ("train", "val"):
             _write_split(tmp, spec, split, categories)
         with open(os.path.join(tmp, "generator.json"), "w") as f:
-            json.dump(_spec_record(spec), f, indent=1)
+            json.dump(spec.record(), f, indent=1)
         if os.path.exists(folder):
             old = tempfile.mkdtemp(prefix=".synthetic-old-", dir=parent)
             os.rename(folder, os.path.join(old, "data"))
@@ -446,19 +508,19 @@ def generate(folder: str, spec: SyntheticSpec = SyntheticSpec()) -> str:
     return folder
 
 
-def is_generated(folder: str, spec: SyntheticSpec = SyntheticSpec()) -> bool:
+def is_generated(folder: str, spec: GeneratorSpec = SyntheticSpec()) -> bool:
     """Whether ``folder`` holds a complete copy made with exactly ``spec`` and this code version."""
     record = os.path.join(folder, "generator.json")
     if not os.path.isfile(record):
         return False
     try:
         with open(record) as f:
-            return json.load(f) == _spec_record(spec)
+            return json.load(f) == spec.record()
     except (OSError, json.JSONDecodeError):
         return False
 
 
-def ensure_generated(folder: str, spec: SyntheticSpec = SyntheticSpec()) -> str:
+def ensure_generated(folder: str, spec: GeneratorSpec = SyntheticSpec()) -> str:
     """
     Generate the dataset into ``folder`` unless a matching copy is already there.
 
@@ -472,23 +534,42 @@ def ensure_generated(folder: str, spec: SyntheticSpec = SyntheticSpec()) -> str:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             if not is_generated(folder, spec):
-                logger.info(f"Generating the synthetic dataset into {folder} ...")
+                logger.info(f"Generating the synthetic dataset ({spec.kind}) into {folder} ...")
                 generate(folder, spec)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return folder
 
 
+def spec_kinds() -> Dict[str, type]:
+    """Spec class of each generator, by ``kind``."""
+    from .synthetic_shapes import ShapesSpec, VocSpec
+
+    return {cls.kind: cls for cls in (SyntheticSpec, ShapesSpec, VocSpec)}
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     from .common import data_root
 
-    parser = argparse.ArgumentParser(description="Generate comformer's synthetic panoptic dataset.")
+    kinds = spec_kinds()
+    chooser = argparse.ArgumentParser(add_help=False)
+    chooser.add_argument("--kind", choices=sorted(kinds), default=SyntheticSpec.kind)
+    kind = chooser.parse_known_args(argv)[0].kind
+    spec_cls = kinds[kind]
+
+    parser = argparse.ArgumentParser(
+        description="Generate one of comformer's synthetic datasets: 'mixed' (synthetic_*, "
+        "the first set), 'shapes' (synthetic_shapes_*, the benchmark), 'voc' (synthetic_voc_*, "
+        "semantic with a background class). Pass --kind first to see its options.",
+        parents=[chooser],
+    )
     parser.add_argument(
         "--output",
         default=None,
-        help="destination folder (default: $DETECTRON2_DATASETS/synthetic or datasets/synthetic)",
+        help=f"destination folder (default: $DETECTRON2_DATASETS/{spec_cls.default_folder} or "
+        f"datasets/{spec_cls.default_folder})",
     )
-    for field in dataclasses.fields(SyntheticSpec):
+    for field in dataclasses.fields(spec_cls):
         parser.add_argument(
             "--" + field.name.replace("_", "-"),
             type=type(field.default),
@@ -497,13 +578,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         )
     parser.add_argument("--force", action="store_true", help="regenerate even if up to date")
     args = parser.parse_args(argv)
-    spec = SyntheticSpec(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SyntheticSpec)})
-    folder = args.output or os.path.join(data_root(), "synthetic")
+    spec = spec_cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(spec_cls)})
+    folder = args.output or os.path.join(data_root(), spec_cls.default_folder)
     if args.force:
         generate(folder, spec)
     else:
         ensure_generated(folder, spec)
-    print(f"synthetic dataset ready in {folder}: {spec.num_train} train, {spec.num_val} val images")
+    print(
+        f"synthetic dataset ({kind}) ready in {folder}: {spec.num_train} train, "
+        f"{spec.num_val} val images"
+    )
     return 0
 
 
