@@ -3,6 +3,7 @@ classes, determinism, difficulty features, files, registration, and continual sp
 
 import filecmp
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +25,7 @@ from comformer.data.datasets.synthetic_shapes import (
 )
 from comformer.data.scenario import build_scenario, record_classes, register_step_dataset
 
+REPO = Path(__file__).resolve().parents[1]
 TINY_SHAPES = ShapesSpec(num_train=24, num_val=4, image_size=64)
 TINY_VOC = VocSpec(num_train=24, num_val=4, image_size=48)
 
@@ -261,3 +263,30 @@ def test_step_datasets_filter_the_tiny_sets(tiny_sets, tmp_path, monkeypatch):
             assert not any(c & set(s.steps[1]) for c in shown)
     # overlap keeps base images that show later classes; disjoint drops them
     assert 0 < sizes["disjoint"] < sizes["overlap"] <= len(records)
+
+
+CONFIGS = sorted(
+    str(p.relative_to(REPO))
+    for folder in ("configs/synthetic_shapes", "configs/synthetic_voc")
+    for p in (REPO / folder).rglob("*.yaml")
+    if not p.name.startswith("Base-")
+)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_configs_load_and_build_their_scenario(config):
+    cfg = get_cfg()
+    add_deeplab_config(cfg)
+    add_comformer_config(cfg)
+    cfg.merge_from_file(str(REPO / config), allow_unsafe=False)
+    dataset = cfg.DATASETS.TRAIN[0]
+    assert dataset in DatasetCatalog.list() and cfg.DATASETS.TEST[0] in DatasetCatalog.list()
+    assert cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES == len(MetadataCatalog.get(dataset).stuff_classes)
+    panoptic = MetadataCatalog.get(dataset).evaluator_type == "coco_panoptic_seg"
+    assert cfg.MODEL.MASK_FORMER.TEST.PANOPTIC_ON == panoptic
+    scenario = build_scenario(cfg)  # None for the joint configs
+    if "continual" in config:
+        assert scenario is not None and scenario.task in config
+        assert ("disjoint" in config) == (scenario.mode == "disjoint")
+        assert ("comformer" in config) == (cfg.CONT.METHOD == "comformer")
+        assert (cfg.MODEL.MASK_FORMER.MASK_ACTIVATION == "softmax") == ("comformer" in config)
