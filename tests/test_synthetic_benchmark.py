@@ -3,6 +3,7 @@ classes, determinism, difficulty features, files, registration, and continual sp
 
 import filecmp
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,8 +23,9 @@ from comformer.data.datasets.synthetic_shapes import (
     shapes_categories,
     voc_categories,
 )
-from comformer.data.scenario import build_scenario, record_classes, register_step_dataset
+from comformer.data.scenario import REMOVED, build_scenario, record_classes, register_step_dataset
 
+REPO = Path(__file__).resolve().parents[1]
 TINY_SHAPES = ShapesSpec(num_train=24, num_val=4, image_size=64)
 TINY_VOC = VocSpec(num_train=24, num_val=4, image_size=48)
 
@@ -197,13 +199,22 @@ def test_builtin_splits_build_on_the_registered_sets():
         s = build_scenario(_cfg("synthetic_shapes_panoptic_train", 20, task))
         assert [len(x) for x in s.steps] == sizes and s.background == -1
         assert 0 < len(set(s.steps[0]) & things) < 10  # things and stuff in the base step
-    for task, sizes in (("9-3", [10, 3]), ("9-1", [10, 1, 1, 1])):
+    for task, sizes in (("9-3", [9, 3]), ("9-1", [9, 1, 1, 1])):
         for mode in ("overlap", "disjoint"):
+            # mask classification: the background is no-object, evaluated but in no step
             s = build_scenario(_cfg("synthetic_voc_sem_seg_train", 13, task, mode))
-            assert [len(x) for x in s.steps] == sizes and s.background == 0 and 0 in s.steps[0]
-            # classes a step does not learn become background in its targets (VOC's convention)
+            assert [len(x) for x in s.steps] == sizes and s.background == 0
+            assert 0 not in s.steps[0] and s.evaluated_classes(0)[0] == 0
+            # classes a step does not learn, and the background, have no target
             label_map = s.label_map(1)
-            assert label_map[1] == 0 and label_map[s.steps[1][0]] == s.order.index(s.steps[1][0])
+            assert label_map[0] == label_map[1] == REMOVED
+            assert label_map[s.steps[1][0]] == s.order.index(s.steps[1][0])
+            # the per-pixel convention (MiB's): background a class, other classes background
+            c = _cfg("synthetic_voc_sem_seg_train", 13, task, mode)
+            c.CONT.BACKGROUND = "class"
+            s = build_scenario(c)
+            assert [len(x) for x in s.steps] == [sizes[0] + 1] + sizes[1:] and 0 in s.steps[0]
+            assert s.label_map(1)[1] == 0
 
 
 def _register_tiny(tiny_sets):
@@ -261,3 +272,30 @@ def test_step_datasets_filter_the_tiny_sets(tiny_sets, tmp_path, monkeypatch):
             assert not any(c & set(s.steps[1]) for c in shown)
     # overlap keeps base images that show later classes; disjoint drops them
     assert 0 < sizes["disjoint"] < sizes["overlap"] <= len(records)
+
+
+CONFIGS = sorted(
+    str(p.relative_to(REPO))
+    for folder in ("configs/synthetic_shapes", "configs/synthetic_voc")
+    for p in (REPO / folder).rglob("*.yaml")
+    if not p.name.startswith("Base-")
+)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_configs_load_and_build_their_scenario(config):
+    cfg = get_cfg()
+    add_deeplab_config(cfg)
+    add_comformer_config(cfg)
+    cfg.merge_from_file(str(REPO / config), allow_unsafe=False)
+    dataset = cfg.DATASETS.TRAIN[0]
+    assert dataset in DatasetCatalog.list() and cfg.DATASETS.TEST[0] in DatasetCatalog.list()
+    assert cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES == len(MetadataCatalog.get(dataset).stuff_classes)
+    panoptic = MetadataCatalog.get(dataset).evaluator_type == "coco_panoptic_seg"
+    assert cfg.MODEL.MASK_FORMER.TEST.PANOPTIC_ON == panoptic
+    scenario = build_scenario(cfg)  # None for the joint configs
+    if "continual" in config:
+        assert scenario is not None and scenario.task in config
+        assert ("disjoint" in config) == (scenario.mode == "disjoint")
+        assert ("comformer" in config) == (cfg.CONT.METHOD == "comformer")
+        assert (cfg.MODEL.MASK_FORMER.MASK_ACTIVATION == "softmax") == ("comformer" in config)

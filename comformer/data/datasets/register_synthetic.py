@@ -12,6 +12,7 @@ Names:
 - ``synthetic_panoptic_{train,val}`` and ``synthetic_sem_seg_{train,val}``: the first synthetic set
   (``SyntheticSpec``), whose classes share colours, shapes and textures: a hard case.
 """
+
 import os
 from typing import Optional
 

@@ -24,6 +24,7 @@ seeded per image, written atomically under a lock):
 
 Run ``python -m comformer.data.datasets.synthetic --kind shapes|voc --help`` to (re)generate.
 """
+
 import dataclasses
 from typing import ClassVar, Dict, List, Tuple
 
@@ -135,7 +136,10 @@ class ShapesSpec(GeneratorSpec):
                 (1 <= self.min_regions <= self.max_regions, "1 <= min_regions <= max_regions"),
                 (0 <= self.min_things <= self.max_things, "0 <= min_things <= max_things"),
                 (0 < self.min_scale <= self.max_scale < 0.5, "0 < min_scale <= max_scale < 0.5"),
-                (0 <= self.repeat_prob <= 1 and 0 <= self.near_prob <= 1, "probabilities in [0, 1]"),
+                (
+                    0 <= self.repeat_prob <= 1 and 0 <= self.near_prob <= 1,
+                    "probabilities in [0, 1]",
+                ),
             ],
         )
 
