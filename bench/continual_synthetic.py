@@ -87,29 +87,32 @@ def main() -> int:
         return out, ["SEED", str(seed), "MODEL.DEVICE", args.device, "CONT.METHOD", method,
                      "CONT.VIS_IMAGES", "0", "OUTPUT_DIR", str(out), *args.opts]  # fmt: skip
 
-    # One job per (scenario, seed, method); a method that adopts a base waits for its owner's run.
+    # One job per (scenario, seed, method). Runs of one seed whose bases have the same signature
+    # (same losses, base classes and config, whatever the scenario) share one base run, trained
+    # by the first of them in (scenario, method) order; the others wait for it and adopt it.
     jobs, done_events = [], {}
-    for task in args.scenarios:
-        for seed in args.seeds:
-            cfgs = {
-                m: load_config(str(method_config(args.dataset, task, m)), opts(task, m, seed)[1])
-                for m in args.methods
-            }
-            owners = base_owners(cfgs)
-            for m in sorted(args.methods, key=lambda m: owners[m] != m):
-                jobs.append((task, seed, m, owners[m]))
-                done_events[(task, seed, m)] = threading.Event()
+    for seed in args.seeds:
+        cfgs = {
+            (task, m): load_config(str(method_config(args.dataset, task, m)), opts(task, m, seed)[1])
+            for task in args.scenarios
+            for m in args.methods
+        }
+        owners = base_owners(cfgs)
+        for key in sorted(cfgs, key=lambda k: (owners[k] != k, args.scenarios.index(k[0]))):
+            jobs.append((key[0], seed, key[1], owners[key]))
+            done_events[(key[0], seed, key[1])] = threading.Event()
 
     runs, lock = [], threading.Lock()
 
     def run(job):
-        task, seed, method, owner = job
+        task, seed, method, (owner_task, owner) = job
         out, extra = opts(task, method, seed)
         cmd = [sys.executable, str(REPO / "tools/train_net.py"), "--resume",
                "--config-file", str(method_config(args.dataset, task, method)), *extra]  # fmt: skip
-        if owner != method:
-            done_events[(task, seed, owner)].wait()
-            cmd += ["CONT.BASE_WEIGHTS", str(opts(task, owner, seed)[0] / "step0" / "model_final.pth")]
+        if (owner_task, owner) != (task, method):
+            done_events[(owner_task, seed, owner)].wait()
+            base = opts(owner_task, owner, seed)[0] / "step0" / "model_final.pth"
+            cmd += ["CONT.BASE_WEIGHTS", str(base)]
         out.parent.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         try:
@@ -122,12 +125,12 @@ def main() -> int:
         wall = time.perf_counter() - start
         rows = json.loads((out / "results.json").read_text())
         last = rows[-1]
-        record = {"task": task, "seed": seed, "method": method, "base_of": owner, "wall_s": wall,
+        record = {"task": task, "seed": seed, "method": method, "base_of": f"{owner_task}/{owner}", "wall_s": wall,
                   "steps": rows, **{k: last.get(k) for k in KEYS}}  # fmt: skip
         with lock:
             runs.append(record)
             output.write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1))
-            print(f"{task} seed {seed} {method} (base: {owner}'s): "
+            print(f"{task} seed {seed} {method} (base: {owner_task}/{owner}): "
                   + ", ".join(f"{k} {last.get(k, float('nan')):.1f}" for k in KEYS)
                   + f" ({wall:.0f} s)", flush=True)  # fmt: skip
 
