@@ -23,11 +23,9 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,8 +67,7 @@ def main() -> int:
 
     import comformer  # noqa: F401  (registers datasets and methods)
     from comformer.continual import METHOD_REGISTRY
-    from comformer.engine.bases import base_owners
-    from comformer.engine.trainer import load_config
+    from comformer.engine.compare import run_with_own_bases
 
     registered = {name.lower() for name, _ in METHOD_REGISTRY}
     unknown = [m for m in args.methods if m not in registered]
@@ -87,56 +84,41 @@ def main() -> int:
         return out, ["SEED", str(seed), "MODEL.DEVICE", args.device, "CONT.METHOD", method,
                      "CONT.VIS_IMAGES", "0", "OUTPUT_DIR", str(out), *args.opts]  # fmt: skip
 
-    # One job per (scenario, seed, method). Runs of one seed whose bases have the same signature
-    # (same losses, base classes and config, whatever the scenario) share one base run, trained
-    # by the first of them in (scenario, method) order; the others wait for it and adopt it.
-    jobs, done_events = [], {}
-    for seed in args.seeds:
-        cfgs = {
-            (task, m): load_config(str(method_config(args.dataset, task, m)), opts(task, m, seed)[1])
-            for task in args.scenarios
-            for m in args.methods
-        }
-        owners = base_owners(cfgs)
-        for key in sorted(cfgs, key=lambda k: (owners[k] != k, args.scenarios.index(k[0]))):
-            jobs.append((key[0], seed, key[1], owners[key]))
-            done_events[(key[0], seed, key[1])] = threading.Event()
-
     runs, lock = [], threading.Lock()
 
-    def run(job):
-        task, seed, method, (owner_task, owner) = job
-        out, extra = opts(task, method, seed)
-        cmd = [sys.executable, str(REPO / "tools/train_net.py"), "--resume",
-               "--config-file", str(method_config(args.dataset, task, method)), *extra]  # fmt: skip
-        if (owner_task, owner) != (task, method):
-            done_events[(owner_task, seed, owner)].wait()
-            base = opts(owner_task, owner, seed)[0] / "step0" / "model_final.pth"
-            cmd += ["CONT.BASE_WEIGHTS", str(base)]
-        out.parent.mkdir(parents=True, exist_ok=True)
-        start = time.perf_counter()
-        try:
-            with open(out.parent / f"{method}.log", "w") as log:
-                proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-            if proc.returncode != 0:
-                raise RuntimeError(f"{task} seed {seed} {method} failed; see {out.parent / (method + '.log')}")
-        finally:
-            done_events[(task, seed, method)].set()
-        wall = time.perf_counter() - start
-        rows = json.loads((out / "results.json").read_text())
+    def record(key, out):
+        task, seed, method = key
+        rows = json.loads((Path(out) / "results.json").read_text())
         last = rows[-1]
-        record = {"task": task, "seed": seed, "method": method, "base_of": f"{owner_task}/{owner}", "wall_s": wall,
-                  "steps": rows, **{k: last.get(k) for k in KEYS}}  # fmt: skip
+        entry = {"task": task, "seed": seed, "method": method, "steps": rows,
+                 **{k: last.get(k) for k in KEYS}}  # fmt: skip
         with lock:
-            runs.append(record)
+            runs.append(entry)
             output.write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1))
-            print(f"{task} seed {seed} {method} (base: {owner_task}/{owner}): "
-                  + ", ".join(f"{k} {last.get(k, float('nan')):.1f}" for k in KEYS)
-                  + f" ({wall:.0f} s)", flush=True)  # fmt: skip
+            print(f"{task} seed {seed} {method}: "
+                  + ", ".join(f"{k} {last.get(k, float('nan')):.1f}" for k in KEYS), flush=True)
 
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        for future in [pool.submit(run, job) for job in jobs]:
-            future.result()
+    # Per seed, runs whose bases have the same signature (same losses, base classes and config,
+    # whatever the scenario) share one base run (comformer/engine/compare.py).
+    for seed in args.seeds:
+        start = time.perf_counter()
+        owners = run_with_own_bases(
+            [
+                ((task, seed, m), str(method_config(args.dataset, task, m)), opts(task, m, seed)[1])
+                for task in args.scenarios
+                for m in args.methods
+            ],
+            train_net=str(REPO / "tools/train_net.py"),
+            jobs=args.jobs,
+            env=env,
+            on_done=record,
+        )
+        with lock:
+            for entry in runs:
+                key = (entry["task"], entry["seed"], entry["method"])
+                if key in owners:
+                    entry["base_of"] = "{}/{}".format(owners[key][0], owners[key][2])
+            print(f"seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
 
     summary = []
     title = (f"synthetic {args.dataset} panoptic, after the last step; mean ± sd over seeds "
