@@ -32,6 +32,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..config import add_comformer_config
+from ..data.datasets.register_custom import register_custom_from_config
 from ..data.mappers import build_train_mapper
 from ..data.stream import (
     TrainingStream,
@@ -342,7 +343,8 @@ class Trainer(DefaultTrainer):
 def load_config(config_file: str, opts=()):
     """
     A config from ``config_file`` and ``opts`` (KEY VALUE pairs) on top of detectron2's,
-    DeepLab's (poly schedule) and comformer's defaults; not frozen, no logging set up.
+    DeepLab's (poly schedule) and comformer's defaults; not frozen, no logging set up. The
+    datasets of ``DATASETS.CUSTOM`` are registered.
     """
     cfg = get_cfg()
     add_deeplab_config(cfg)
@@ -351,6 +353,8 @@ def load_config(config_file: str, opts=()):
     # comformer's configs need none, so a config is read like untrusted data.
     cfg.merge_from_file(config_file, allow_unsafe=False)
     cfg.merge_from_list(list(opts))
+    # before anything reads the catalogs (scenario, model size, data loaders)
+    register_custom_from_config(cfg)
     return cfg
 
 
