@@ -16,6 +16,8 @@ __all__ = [
     "flatten_results",
     "load_results",
     "results_table",
+    "summary_line",
+    "eval_summary",
     "plot_results",
     "record_step",
 ]
@@ -66,6 +68,38 @@ def results_table(rows: List[Dict], title: str = "") -> str:
     for r in rows:
         values = " | ".join(_fmt(r.get(k)) for k, _ in columns)
         lines.append(f"| {r['method']} | {r['step']} | {r['num_seen']} | {values} |")
+    return "\n".join(lines)
+
+
+def summary_line(row: Dict) -> str:
+    """One step's results in one line: "PQ all 1.9 (old 4.6, new 0.0), mIoU all 7.1 (...)"."""
+    parts = []
+    for metric in ("PQ", "mIoU"):
+        if f"{metric}_all" not in row:
+            continue
+        split = [
+            f"{p} {_fmt(row[f'{metric}_{p}'])}" for p in ("old", "new") if f"{metric}_{p}" in row
+        ]
+        parts.append(
+            f"{metric} all {_fmt(row[f'{metric}_all'])}"
+            + (f" ({', '.join(split)})" if split else "")
+        )
+    return ", ".join(parts) or "no metrics"
+
+
+# Summary metrics of detectron2's evaluators, in the order shown (per-class keys are left out).
+_SUMMARY_KEYS = ("PQ", "SQ", "RQ", "PQ_th", "PQ_st", "mIoU", "fwIoU", "mACC", "pACC")
+
+
+def eval_summary(results: Dict) -> str:
+    """detectron2 evaluation results ({task: {metric: value}}) as one line per task with the
+    summary metrics, e.g. "panoptic_seg: PQ 2.0  SQ 61.3  RQ 2.9 ..."."""
+    lines = []
+    for task, metrics in results.items():
+        if not isinstance(metrics, dict):
+            continue
+        shown = [f"{k} {_fmt(float(metrics[k]))}" for k in _SUMMARY_KEYS if k in metrics]
+        lines.append(f"{task}: " + "  ".join(shown))
     return "\n".join(lines)
 
 
