@@ -19,6 +19,7 @@ __all__ = [
     "summary_line",
     "eval_summary",
     "plot_results",
+    "plot_methods",
     "record_step",
 ]
 
@@ -137,6 +138,63 @@ def plot_results(path: str, rows: List[Dict], title: str) -> None:
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def plot_methods(path: str, rows_by_method: Dict[str, List[Dict]], title: str) -> None:
+    """
+    Methods compared on one figure: a panel per metric (PQ, mIoU; rows) and class group (old,
+    new, all; columns), one line per method over the steps. Panels without values are left out.
+
+    Args:
+        path: the PNG to write (atomically).
+        rows_by_method: each method's rows of results.json, in the order to draw.
+        title: the figure's title.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def values(rows, key):
+        return [r.get(key) if r.get(key) is not None else float("nan") for r in rows]
+
+    metrics = [
+        m
+        for m in ("PQ", "mIoU")
+        if any(f"{m}_all" in r for rows in rows_by_method.values() for r in rows)
+    ]
+    parts = ("old", "new", "all")
+    fig, axes = plt.subplots(
+        len(metrics), 3, figsize=(12, 3.4 * len(metrics)), squeeze=False, sharex=True
+    )
+    steps = sorted({r["step"] for rows in rows_by_method.values() for r in rows})
+    markers = "os^Dvx*P"
+    for i, metric in enumerate(metrics):
+        for j, part in enumerate(parts):
+            ax = axes[i][j]
+            key = f"{metric}_{part}"
+            for k, (method, rows) in enumerate(rows_by_method.items()):
+                rows = sorted(rows, key=lambda r: r["step"])
+                ys = values(rows, key)
+                if all(math.isnan(y) for y in ys):
+                    continue
+                ax.plot([r["step"] for r in rows], ys, marker=markers[k % len(markers)],
+                        label=method)  # fmt: skip
+            ax.set_title(f"{metric} {part}")
+            ax.set_xticks(steps)
+            ax.grid(alpha=0.3)
+            if i == len(metrics) - 1:
+                ax.set_xlabel("step")
+    handles, labels = axes[0][-1].get_legend_handles_labels()
+    if not handles:
+        handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper right", ncol=len(labels))
+    fig.suptitle(title, x=0.02, ha="left")
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
