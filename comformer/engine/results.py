@@ -116,15 +116,17 @@ def _write_csv(path: str, rows: List[Dict]) -> None:
 
 
 def plot_results(path: str, rows: List[Dict], title: str) -> None:
-    """PQ and mIoU (old / new / all) per step, one panel each."""
+    """PQ and mIoU (old / new / all) per step, one panel each (a metric no row has is left out:
+    a semantic dataset has no PQ)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    metrics = [m for m in ("PQ", "mIoU") if any(f"{m}_all" in r for r in rows)] or ["mIoU"]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.5), squeeze=False)
     steps = [r["step"] for r in rows]
-    for ax, metric in zip(axes, ("PQ", "mIoU")):
+    for ax, metric in zip(axes[0], metrics):
         for part, style in (("all", "-o"), ("old", "--s"), ("new", ":^")):
             key = f"{metric}_{part}"
             values = [r.get(key, float("nan")) for r in rows]
@@ -135,7 +137,8 @@ def plot_results(path: str, rows: List[Dict], title: str) -> None:
         ax.set_xlabel("step")
         ax.set_xticks(steps)
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
     tmp = path + ".tmp.png"
