@@ -253,6 +253,8 @@ def draw_example(
         ids, segments = prediction["panoptic_seg"]
         data = (ids.cpu().numpy(), [dict(s) for s in segments])
         drawn = draw_segmentation(big, "panoptic", data, metadata, **outlines)
+        if not segments:  # say so, or an empty panel looks like a drawing fault
+            prediction_title += ": no segment"
     else:
         labels = prediction["sem_seg"].argmax(0).cpu().numpy()
         drawn = draw_segmentation(big, "semantic", labels, metadata, **outlines)
