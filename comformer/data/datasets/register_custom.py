@@ -328,8 +328,9 @@ def register_custom_panoptic(
                 for s in record["segments_info"]:
                     sem[ids == s["id"]] = s["category_id"]
                 out = os.path.join(semantic, os.path.basename(png))
-                Image.fromarray(sem).save(out + ".tmp.png")
-                os.replace(out + ".tmp.png", out)
+                tmp = f"{out}.tmp{os.getpid()}.png"  # processes of one run may derive at once
+                Image.fromarray(sem).save(tmp)
+                os.replace(tmp, out)
             elif check_files:
                 label_file = os.path.join(sem_seg_root, os.path.basename(png))
                 labels = _decode(label_file, "semantic label map")
