@@ -36,17 +36,14 @@ def _tool(*args, env_extra=None, timeout=600):
 
 @pytest.fixture(scope="module")
 def scenario_run(tmp_path_factory):
-    """The README's "Your own data" run: a COCO-panoptic dataset in a temporary folder, a 4-2
-    scenario on it from the command line, quietly."""
+    """The README's "Your own data" run: a COCO-panoptic dataset in a temporary folder, the 4-2
+    scenario of configs/custom/mydata-panoptic.yaml on it from the command line, quietly."""
     base = tmp_path_factory.mktemp("own")
     data = Path(generate(str(base / "mydata"), SPEC))
     out = base / "run"
     proc = _tool(
-        "tools/train_net.py", "--quiet", "--config-file", CONTINUAL_CFG,
-        *TINY_OPTS,
-        "DATASETS.CUSTOM.NAME", "mydata", "DATASETS.CUSTOM.ROOT", data,
-        "DATASETS.TRAIN", '("mydata_train",)', "DATASETS.TEST", '("mydata_val",)',
-        "MODEL.SEM_SEG_HEAD.NUM_CLASSES", 6, "CONT.TASK", "4-2", "CONT.VIS_IMAGES", 2,
+        "tools/train_net.py", "--quiet", "--config-file", REPO / "configs/custom/mydata-panoptic.yaml",
+        "DATASETS.CUSTOM.ROOT", data, *TINY_OPTS, "CONT.VIS_IMAGES", 2,
         "SOLVER.MAX_ITER", 4, "CONT.INC_ITERS_PER_CLASS", 2, "OUTPUT_DIR", out,
         env_extra={"COMFORMER_CACHE": str(base / "cache")},
     )  # fmt: skip
