@@ -117,7 +117,7 @@ def test_predict_with_a_config_and_a_checkpoint_writes_label_maps(tmp_path):
         Image.fromarray(rng.randint(0, 255, (*size, 3), dtype=np.uint8)).save(folder / f"im{i}.jpg")
     proc = _tool(
         "tools/predict.py", "--config-file", config, "--weights", weights,
-        "--input", f"{folder}/*.jpg", "--output", tmp_path / "pred", *opts,
+        "--input", f"{folder}/*.jpg", "--output", tmp_path / "pred", "--opts", *opts,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(os.listdir(tmp_path / "pred")) == [

@@ -71,7 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     parser.add_argument(
-        "opts", nargs=argparse.REMAINDER, help="config KEY VALUE pairs, after the options"
+        "--opts",
+        default=[],
+        nargs=argparse.REMAINDER,
+        help="config KEY VALUE pairs (last on the command line), as detectron2's demo takes them",
     )
     return parser  # fmt: skip
 
