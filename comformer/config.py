@@ -183,7 +183,8 @@ def add_comformer_config(cfg: CN) -> None:
     cfg.CONT.BASE_WEIGHTS = ""
     # Keep the classifier rows of old classes fixed during incremental steps.
     cfg.CONT.FREEZE_OLD_CLASSIFIER = False
-    # Validation images drawn with their predictions after each step (OUTPUT_DIR/step<t>/vis).
+    # Validation images drawn after each step as image | ground truth | prediction, old and new
+    # classes outlined differently (OUTPUT_DIR/step<t>/vis).
     cfg.CONT.VIS_IMAGES = 4
 
     # ---------------------------------------------------------------- continual methods
