@@ -79,7 +79,8 @@ def build_parser():
 
 
 def main(args):
-    return run_with_readable_errors(lambda: _main(args), debug=args.debug)
+    # getattr: scripts may call main() with the args of detectron2's own parser
+    return run_with_readable_errors(lambda: _main(args), debug=getattr(args, "debug", False))
 
 
 def _main(args):
