@@ -188,6 +188,7 @@ def plot_methods(path: str, rows_by_method: Dict[str, List[Dict]], title: str) -
                 ax.plot([r["step"] for r in rows], ys, marker=markers[k % len(markers)],
                         label=method)  # fmt: skip
             ax.set_title(f"{metric} {part}")
+            ax.set_ylim(bottom=0)  # a zoomed axis would make small differences look large
             ax.set_xticks(steps)
             ax.grid(alpha=0.3)
             if i == len(metrics) - 1:
