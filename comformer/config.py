@@ -18,6 +18,41 @@ def add_comformer_config(cfg: CN) -> None:
     # Pad training images to this square size (-1: no padding beyond the size divisibility).
     cfg.INPUT.SIZE_DIVISIBILITY = -1
 
+    # ---------------------------------------------------------------- your own dataset
+    # (comformer/data/datasets/register_custom.py; the README's "Your own data")
+    cfg.DATASETS.CUSTOM = CN()
+    # Registers the datasets <NAME>_train and <NAME>_val when the config is loaded ("": none); use
+    # them in DATASETS.TRAIN / DATASETS.TEST.
+    cfg.DATASETS.CUSTOM.NAME = ""
+    # "panoptic": COCO panoptic json + PNGs, classes from the json's categories; "semantic": label
+    # PNGs (class index per pixel, 255 void), classes from CLASSES or CLASSES_FILE.
+    cfg.DATASETS.CUSTOM.KIND = "panoptic"
+    # Folder of the dataset (relative: under $DETECTRON2_DATASETS); the paths below are under it.
+    cfg.DATASETS.CUSTOM.ROOT = ""
+    # Files of each split: IMAGES folder ("" skips the split), PANOPTIC_JSON and PANOPTIC_PNGS
+    # (panoptic), SEM_SEG folder of label maps named like the PNGs or the images (required for
+    # "semantic"; "" for "panoptic" derives them from the PNGs).
+    cfg.DATASETS.CUSTOM.TRAIN = CN()
+    cfg.DATASETS.CUSTOM.TRAIN.IMAGES = "images/train"
+    cfg.DATASETS.CUSTOM.TRAIN.PANOPTIC_JSON = "panoptic_train.json"
+    cfg.DATASETS.CUSTOM.TRAIN.PANOPTIC_PNGS = "panoptic_train"
+    cfg.DATASETS.CUSTOM.TRAIN.SEM_SEG = ""
+    cfg.DATASETS.CUSTOM.VAL = CN()
+    cfg.DATASETS.CUSTOM.VAL.IMAGES = "images/val"
+    cfg.DATASETS.CUSTOM.VAL.PANOPTIC_JSON = "panoptic_val.json"
+    cfg.DATASETS.CUSTOM.VAL.PANOPTIC_PNGS = "panoptic_val"
+    cfg.DATASETS.CUSTOM.VAL.SEM_SEG = ""
+    # Semantic: the class names in label order, as a list or a text file (one name per line).
+    cfg.DATASETS.CUSTOM.CLASSES = []
+    cfg.DATASETS.CUSTOM.CLASSES_FILE = ""
+    # Semantic: extension of the images (label maps are <image stem>.png).
+    cfg.DATASETS.CUSTOM.IMAGE_EXT = ".jpg"
+    # Semantic: id of a background class, as Pascal VOC's 0 (see CONT.BACKGROUND); -1: none.
+    cfg.DATASETS.CUSTOM.BACKGROUND_CLASS = -1
+    # Decode every file once at the first load to check it (remembered in $COMFORMER_CACHE until a
+    # file changes); False: only the checks made without decoding, the rest at training time.
+    cfg.DATASETS.CUSTOM.CHECK_FILES = True
+
     # ---------------------------------------------------------------- solver
     # Weight decay of nn.Embedding weights (the transformer decoder's query features, query
     # positions and level embedding), as Mask2Former's trainer applies it.
@@ -181,7 +216,8 @@ def add_comformer_config(cfg: CN) -> None:
     cfg.CONT.BASE_WEIGHTS = ""
     # Keep the classifier rows of old classes fixed during incremental steps.
     cfg.CONT.FREEZE_OLD_CLASSIFIER = False
-    # Validation images drawn with their predictions after each step (OUTPUT_DIR/step<t>/vis).
+    # Validation images drawn after each step as image | ground truth | prediction, old and new
+    # classes outlined differently (OUTPUT_DIR/step<t>/vis).
     cfg.CONT.VIS_IMAGES = 4
 
     # ---------------------------------------------------------------- continual methods

@@ -52,6 +52,18 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown method(s) {unknown}; valid: {', '.join(sorted(registered))}")
     methods = list(dict.fromkeys(m.lower() for m in args.methods))
+    if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
+        parser.error(f"--device {args.device!r}: use cpu or cuda")
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error(f"--device {args.device}: CUDA is not available on this machine (use cpu)")
+    for name in ("base_iters", "iters_per_class"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if os.path.isfile(args.output_dir):
+        parser.error(f"--output-dir {args.output_dir} is a file, not a folder")
 
     def opts(method):
         return [
@@ -66,7 +78,7 @@ def main() -> int:
     start = time.time()
     # Owners first: they train the bases the other methods adopt.
     for method in sorted(methods, key=lambda m: (owners[m] != m, methods.index(m))):
-        cmd = [sys.executable, os.path.join(REPO, "tools/train_net.py"), "--config-file", method_config(method), *opts(method)]
+        cmd = [sys.executable, os.path.join(REPO, "tools/train_net.py"), "--quiet", "--config-file", method_config(method), *opts(method)]
         if owners[method] != method:
             base = os.path.join(args.output_dir, owners[method], "step0", "model_final.pth")
             cmd += ["CONT.BASE_WEIGHTS", base]

@@ -10,13 +10,11 @@ blank with the reason.
 import argparse
 import sys
 
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog
-from detectron2.projects.deeplab import add_deeplab_config
 
 import comformer  # noqa: F401  (registers datasets)
-from comformer import add_comformer_config
 from comformer.data.scenario import build_scenario, register_step_dataset, scenario_summary
+from comformer.engine.trainer import load_config
 
 
 def main(argv=None) -> int:
@@ -25,11 +23,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-images", action="store_true", help="do not load the data to count images")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides (KEY VALUE ...)")
     args = parser.parse_args(argv)
-    cfg = get_cfg()
-    add_deeplab_config(cfg)
-    add_comformer_config(cfg)
-    cfg.merge_from_file(args.config_file, allow_unsafe=False)
-    cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, args.opts)  # registers DATASETS.CUSTOM too
     scenario = build_scenario(cfg)
     if scenario is None:
         print(f"{args.config_file} describes no continual scenario (set CONT.TASK)", file=sys.stderr)

@@ -16,7 +16,10 @@ __all__ = [
     "flatten_results",
     "load_results",
     "results_table",
+    "summary_line",
+    "eval_summary",
     "plot_results",
+    "plot_methods",
     "record_step",
 ]
 
@@ -69,6 +72,38 @@ def results_table(rows: List[Dict], title: str = "") -> str:
     return "\n".join(lines)
 
 
+def summary_line(row: Dict) -> str:
+    """One step's results in one line: "PQ all 1.9 (old 4.6, new 0.0), mIoU all 7.1 (...)"."""
+    parts = []
+    for metric in ("PQ", "mIoU"):
+        if f"{metric}_all" not in row:
+            continue
+        split = [
+            f"{p} {_fmt(row[f'{metric}_{p}'])}" for p in ("old", "new") if f"{metric}_{p}" in row
+        ]
+        parts.append(
+            f"{metric} all {_fmt(row[f'{metric}_all'])}"
+            + (f" ({', '.join(split)})" if split else "")
+        )
+    return ", ".join(parts) or "no metrics"
+
+
+# Summary metrics of detectron2's evaluators, in the order shown (per-class keys are left out).
+_SUMMARY_KEYS = ("PQ", "SQ", "RQ", "PQ_th", "PQ_st", "mIoU", "fwIoU", "mACC", "pACC")
+
+
+def eval_summary(results: Dict) -> str:
+    """detectron2 evaluation results ({task: {metric: value}}) as one line per task with the
+    summary metrics, e.g. "panoptic_seg: PQ 2.0  SQ 61.3  RQ 2.9 ..."."""
+    lines = []
+    for task, metrics in results.items():
+        if not isinstance(metrics, dict):
+            continue
+        shown = [f"{k} {_fmt(float(metrics[k]))}" for k in _SUMMARY_KEYS if k in metrics]
+        lines.append(f"{task}: " + "  ".join(shown))
+    return "\n".join(lines)
+
+
 def _write_csv(path: str, rows: List[Dict]) -> None:
     keys: List[str] = []
     for r in rows:
@@ -81,15 +116,17 @@ def _write_csv(path: str, rows: List[Dict]) -> None:
 
 
 def plot_results(path: str, rows: List[Dict], title: str) -> None:
-    """PQ and mIoU (old / new / all) per step, one panel each."""
+    """PQ and mIoU (old / new / all) per step, one panel each (a metric no row has is left out:
+    a semantic dataset has no PQ)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    metrics = [m for m in ("PQ", "mIoU") if any(f"{m}_all" in r for r in rows)] or ["mIoU"]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.5), squeeze=False)
     steps = [r["step"] for r in rows]
-    for ax, metric in zip(axes, ("PQ", "mIoU")):
+    for ax, metric in zip(axes[0], metrics):
         for part, style in (("all", "-o"), ("old", "--s"), ("new", ":^")):
             key = f"{metric}_{part}"
             values = [r.get(key, float("nan")) for r in rows]
@@ -100,9 +137,68 @@ def plot_results(path: str, rows: List[Dict], title: str) -> None:
         ax.set_xlabel("step")
         ax.set_xticks(steps)
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def plot_methods(path: str, rows_by_method: Dict[str, List[Dict]], title: str) -> None:
+    """
+    Methods compared on one figure: a panel per metric (PQ, mIoU; rows) and class group (old,
+    new, all; columns), one line per method over the steps. Panels without values are left out.
+
+    Args:
+        path: the PNG to write (atomically).
+        rows_by_method: each method's rows of results.json, in the order to draw.
+        title: the figure's title.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def values(rows, key):
+        return [r.get(key) if r.get(key) is not None else float("nan") for r in rows]
+
+    metrics = [
+        m
+        for m in ("PQ", "mIoU")
+        if any(f"{m}_all" in r for rows in rows_by_method.values() for r in rows)
+    ]
+    parts = ("old", "new", "all")
+    fig, axes = plt.subplots(
+        len(metrics), 3, figsize=(12, 3.4 * len(metrics)), squeeze=False, sharex=True
+    )
+    steps = sorted({r["step"] for rows in rows_by_method.values() for r in rows})
+    markers = "os^Dvx*P"
+    for i, metric in enumerate(metrics):
+        for j, part in enumerate(parts):
+            ax = axes[i][j]
+            key = f"{metric}_{part}"
+            for k, (method, rows) in enumerate(rows_by_method.items()):
+                rows = sorted(rows, key=lambda r: r["step"])
+                ys = values(rows, key)
+                if all(math.isnan(y) for y in ys):
+                    continue
+                ax.plot([r["step"] for r in rows], ys, marker=markers[k % len(markers)],
+                        label=method)  # fmt: skip
+            ax.set_title(f"{metric} {part}")
+            ax.set_ylim(bottom=0)  # a zoomed axis would make small differences look large
+            ax.set_xticks(steps)
+            ax.grid(alpha=0.3)
+            if i == len(metrics) - 1:
+                ax.set_xlabel("step")
+    handles, labels = axes[0][-1].get_legend_handles_labels()
+    if not handles:
+        handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper right", ncol=len(labels))
+    fig.suptitle(title, x=0.02, ha="left")
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=100)
     plt.close(fig)

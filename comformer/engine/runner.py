@@ -13,6 +13,7 @@ Layout of ``OUTPUT_DIR``::
 import json
 import logging
 import os
+import time
 from typing import Dict, List
 
 from detectron2.data import MetadataCatalog
@@ -23,8 +24,9 @@ from ..data.scenario import Scenario, build_scenario
 from ..evaluation.split_evaluator import SplitEvaluator
 from ..utils.io import AtomicDetectionCheckpointer, atomic_write_json, load_checkpoint_state
 from .bases import base_signature
-from .results import flatten_results, load_results, record_step, results_table
-from .step_config import step_config, step_dir, step_splits
+from .progress import ScenarioProgress
+from .results import flatten_results, load_results, record_step, results_table, summary_line
+from .step_config import step_config, step_dir, step_iterations, step_splits
 from .step_trainer import StepTrainer, check_checkpoint_classes
 from .trainer import Trainer
 from .visualize import visualize_step
@@ -94,6 +96,17 @@ def run_scenario(cfg, resume: bool = False, eval_only: bool = False) -> List[Dic
     _check_output_dir(cfg, scenario)
     title = f"{scenario.dataset} {scenario.task} ({scenario.mode}), method {cfg.CONT.METHOD}"
     steps = [cfg.CONT.STEP] if cfg.CONT.STEP >= 0 else list(range(scenario.num_steps))
+    to_run = [s for s in steps if eval_only or not is_step_done(cfg.OUTPUT_DIR, s)]
+    adopts_base = bool(cfg.CONT.BASE_WEIGHTS) and not eval_only
+    progress = ScenarioProgress(
+        scenario,
+        {
+            s: 0 if eval_only or (s == 0 and adopts_base) else step_iterations(cfg, scenario, s)
+            for s in to_run
+        },
+        title=f"{scenario.task} {cfg.CONT.METHOD}",
+        class_names=MetadataCatalog.get(scenario.dataset).get("stuff_classes", None),
+    )
     for step in steps:
         cfg_t = step_config(cfg, scenario, step)
         previous = (
@@ -101,9 +114,11 @@ def run_scenario(cfg, resume: bool = False, eval_only: bool = False) -> List[Dic
             if step > 0
             else None
         )
-        if is_step_done(cfg.OUTPUT_DIR, step) and not eval_only:
-            logger.info(f"Step {step} of {scenario.task} is finished ({cfg_t.OUTPUT_DIR}); skipped")
+        if step not in to_run:
+            progress.skip_step(step, cfg_t.OUTPUT_DIR)
             continue
+        progress.start_step(step)
+        started = time.perf_counter()
         os.makedirs(cfg_t.OUTPUT_DIR, exist_ok=True)
         skipped = None  # bad samples skipped in training (INPUT.SKIP_BAD_SAMPLES)
         if eval_only:
@@ -114,11 +129,14 @@ def run_scenario(cfg, resume: bool = False, eval_only: bool = False) -> List[Dic
         elif step == 0 and cfg.CONT.BASE_WEIGHTS:
             model = _adopt_base_weights(cfg, cfg_t, cfg.CONT.BASE_WEIGHTS, scenario)
         else:
-            trainer = StepTrainer(cfg_t, scenario, step, previous_weights=previous)
+            trainer = StepTrainer(
+                cfg_t, scenario, step, previous_weights=previous, progress=progress
+            )
             trainer.resume_or_load(resume=resume)
             trainer.train()
             model = trainer.model
             skipped = sum(comm.all_gather(trainer.num_bad_samples))
+        trained = time.perf_counter()
         results = evaluate_step(cfg_t, model, scenario, step)
         if comm.is_main_process():
             row = {
@@ -138,6 +156,8 @@ def run_scenario(cfg, resume: bool = False, eval_only: bool = False) -> List[Dic
             visualize_step(cfg_t, model, scenario, step, cfg.CONT.VIS_IMAGES)
             atomic_write_json(os.path.join(cfg_t.OUTPUT_DIR, "done.json"), row)
             logger.info("\n" + results_table(rows, title))
+            now = time.perf_counter()
+            progress.finish_step(step, trained - started, now - trained, summary_line(row))
         comm.synchronize()
     rows = load_results(cfg.OUTPUT_DIR)
     if comm.is_main_process():

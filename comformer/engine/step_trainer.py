@@ -23,6 +23,7 @@ from ..data.scenario import Scenario, register_step_dataset
 from ..data.stream import TrainingStream, build_train_loader
 from ..modeling import classifier_extra_rows
 from ..utils.io import load_checkpoint_state
+from .progress import ProgressHook, ScenarioProgress
 from .trainer import Trainer, _unwrap, build_optimizer
 
 __all__ = ["StepTrainer", "FreezeOldClassesHook", "StepDataHook", "check_checkpoint_classes"]
@@ -138,16 +139,25 @@ class StepTrainer(Trainer):
     the optimizer hold the student alone.
     """
 
-    def __init__(self, cfg, scenario: Scenario, step: int, previous_weights: Optional[str] = None):
+    def __init__(
+        self,
+        cfg,
+        scenario: Scenario,
+        step: int,
+        previous_weights: Optional[str] = None,
+        progress: Optional[ScenarioProgress] = None,
+    ):
         """
         Args:
             cfg: the step's config (see ``comformer.engine.step_config``).
             scenario: the scenario.
             step: the step to train.
             previous_weights: the previous step's final checkpoint (required for step > 0).
+            progress: the scenario's progress (its ETA in the progress lines), if any.
         """
         self.scenario = scenario
         self.step = step
+        self.progress = progress
         self.previous_weights = previous_weights
         self.method = build_method(cfg, scenario, step)
         self._previous_state = None
@@ -193,6 +203,12 @@ class StepTrainer(Trainer):
         dataset = get_detection_dataset_dicts([name], filter_empty=False)
         self._step_records, self._step_mapper = dataset, mapper
         return build_train_loader(cfg, dataset, mapper)
+
+    def build_progress_hook(self) -> ProgressHook:
+        label = (
+            f"[{self.progress.title}] step {self.step}" if self.progress else f"step {self.step}"
+        )
+        return ProgressHook(self.max_iter, label=label, scenario=self.progress, step=self.step)
 
     def build_hooks(self):
         # Evaluation happens once per step in the runner, with the split evaluator.

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from detectron2.config import get_cfg
 from detectron2.data import get_detection_dataset_dicts
-from detectron2.engine import AMPTrainer, DefaultTrainer, HookBase, SimpleTrainer, default_setup
+from detectron2.engine import AMPTrainer, DefaultTrainer, HookBase, SimpleTrainer
 from detectron2.engine.train_loop import TrainerBase
 from detectron2.projects.deeplab import add_deeplab_config
 from detectron2.projects.deeplab import build_lr_scheduler as build_poly_lr_scheduler
@@ -32,6 +32,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..config import add_comformer_config
+from ..data.datasets.register_custom import register_custom_from_config
 from ..data.mappers import build_train_mapper
 from ..data.stream import (
     TrainingStream,
@@ -42,6 +43,8 @@ from ..data.stream import (
 )
 from ..evaluation import build_evaluator
 from ..utils.io import AtomicDetectionCheckpointer
+from .console import install_console_filter, quiet_default_setup
+from .progress import ProgressHook
 
 __all__ = [
     "Trainer",
@@ -307,7 +310,11 @@ class Trainer(DefaultTrainer):
     def build_hooks(self):
         seed = self._stream.seed if self._stream is not None else None
         self._stream_hook = TrainingStreamHook(self._stream, seed if self.cfg.SEED >= 0 else None)
-        return [self._stream_hook] + super().build_hooks()
+        return [self._stream_hook] + super().build_hooks() + [self.build_progress_hook()]
+
+    def build_progress_hook(self) -> ProgressHook:
+        """The hook logging the run's progress for the console (``engine/progress.py``)."""
+        return ProgressHook(self.max_iter)
 
     @classmethod
     def checkpointed_module(cls, model: torch.nn.Module) -> torch.nn.Module:
@@ -344,21 +351,32 @@ class Trainer(DefaultTrainer):
 def load_config(config_file: str, opts=()):
     """
     A config from ``config_file`` and ``opts`` (KEY VALUE pairs) on top of detectron2's,
-    DeepLab's (poly schedule) and comformer's defaults; not frozen, no logging set up.
+    DeepLab's (poly schedule) and comformer's defaults; not frozen, no logging set up. The
+    datasets of ``DATASETS.CUSTOM`` are registered.
     """
     cfg = get_cfg()
     add_deeplab_config(cfg)
     add_comformer_config(cfg)
     # detectron2 reads yaml with unsafe_load by default, running any !!python tag in the file;
     # comformer's configs need none, so a config is read like untrusted data.
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"config file {config_file!r} does not exist")
     cfg.merge_from_file(config_file, allow_unsafe=False)
-    cfg.merge_from_list(list(opts))
+    try:
+        cfg.merge_from_list(list(opts))
+    except AssertionError as e:  # yacs asserts on command-line keys; a yaml key raises KeyError
+        raise (KeyError if "Non-existent" in str(e) else ValueError)(
+            f"{e} (in the command-line options)"
+        ) from None
+    # before anything reads the catalogs (scenario, model size, data loaders)
+    register_custom_from_config(cfg)
     return cfg
 
 
 def setup_cfg(args):
     """:func:`load_config` of ``args.config_file`` and ``args.opts``, frozen, with detectron2's
-    default_setup (logging, seed)."""
+    default_setup (logging, seed); ``args.quiet`` (if present) keeps the console to what a user
+    reads (see ``comformer.engine.console``)."""
     cfg = load_config(args.config_file, args.opts)
     if cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith("cuda"):
         # autocast on CPU is slow and not what the papers trained with: AMP is a CUDA-only option.
@@ -367,9 +385,11 @@ def setup_cfg(args):
         )
         cfg.SOLVER.AMP.ENABLED = False
     cfg.freeze()
-    default_setup(cfg, args)
+    quiet = bool(getattr(args, "quiet", False))
+    quiet_default_setup(cfg, args, quiet)
     # detectron2 sets up its own loggers; comformer's messages go to the same console and log file.
     setup_logger(
         cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="comformer", abbrev_name="cf"
     )
+    install_console_filter(quiet)
     return cfg
