@@ -1,11 +1,12 @@
 #!/usr/bin/env python
-"""The main job run by `make demo`: a complete continual scenario on the built-in synthetic dataset.
+"""The main job run by `make demo`: a complete continual scenario on the built-in synthetic benchmark.
 
-Synthetic panoptic 10-10 on CPU: the base step (10 classes), then the second step (10 new classes,
-without labels for the old ones), for each method. Every method starts from a base trained with its
-own step-0 losses: fine-tuning, MiB and PLOP share Mask2Former's base, CoMFormer trains its own
-(softmax masks and focal loss); joint trains each step's model anew on all data. Ends with the steps
-x old/new/all PQ and mIoU table of every method and their plots:
+Synthetic panoptic 10-10 (synthetic_shapes: every class its own shape and colour) on CPU: the base
+step (10 classes), then the second step (10 new classes, without labels for the old ones), for
+each method, two processes at a time. Every method starts from a base trained with its own step-0
+losses: fine-tuning's and joint's base is Mask2Former's, CoMFormer trains its own (softmax masks and
+focal loss); joint trains the second step's model anew on all data. Ends with the steps x
+old/new/all PQ and mIoU table and one plot comparing the methods (results.png):
 
     ft         fine-tuning: forgets the old classes (the lower bound);
     joint      all images and labels of the classes seen so far, trained offline (the upper bound);
@@ -15,22 +16,21 @@ The dataset is generated on first use under $DETECTRON2_DATASETS (default: the c
 """
 import argparse
 import os
-import subprocess
 import sys
 import time
 
 import comformer  # noqa: F401  (registers datasets, model parts and methods)
 from comformer.continual import METHOD_REGISTRY
-from comformer.engine import load_results, plot_results, results_table
-from comformer.engine.bases import base_owners
-from comformer.engine.trainer import load_config
+from comformer.engine import load_results, results_table
+from comformer.engine.compare import run_with_own_bases
+from comformer.engine.results import plot_methods
 from comformer.utils.io import atomic_write_text
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CONFIGS = {
-    "default": "configs/synthetic/panoptic-segmentation/continual/10-10.yaml",
-    "comformer": "configs/synthetic/panoptic-segmentation/continual/10-10-comformer.yaml",
+    "default": "configs/synthetic_shapes/panoptic-segmentation/continual/10-10.yaml",
+    "comformer": "configs/synthetic_shapes/panoptic-segmentation/continual/10-10-comformer.yaml",
 }
 
 
@@ -42,8 +42,9 @@ def method_config(method: str) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--base-iters", type=int, default=800, help="iterations of the base step")
-    parser.add_argument("--iters-per-class", type=int, default=15, help="incremental iterations per new class")
+    parser.add_argument("--base-iters", type=int, default=300, help="iterations of the base step")
+    parser.add_argument("--iters-per-class", type=int, default=20, help="incremental iterations per new class")
+    parser.add_argument("--jobs", type=int, default=2, help="training processes at a time (one torch thread each on CPU)")
     parser.add_argument("--methods", nargs="+", default=["ft", "joint", "comformer"])
     parser.add_argument("--output-dir", default="./output/demo")
     args = parser.parse_args()
@@ -59,7 +60,7 @@ def main() -> int:
 
         if not torch.cuda.is_available():
             parser.error(f"--device {args.device}: CUDA is not available on this machine (use cpu)")
-    for name in ("base_iters", "iters_per_class"):
+    for name in ("base_iters", "iters_per_class", "jobs"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if os.path.isfile(args.output_dir):
@@ -74,26 +75,40 @@ def main() -> int:
             "OUTPUT_DIR", os.path.join(args.output_dir, method),
         ]  # fmt: skip
 
-    owners = base_owners({m: load_config(method_config(m), opts(m)) for m in methods})
+    env = dict(os.environ)
+    if args.device == "cpu":
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))
+    print(f"comformer demo: synthetic panoptic 10-10, methods {', '.join(methods)}, "
+          f"{args.jobs} at a time; logs in {args.output_dir}/<method>.log", flush=True)
     start = time.time()
-    # Owners first: they train the bases the other methods adopt.
-    for method in sorted(methods, key=lambda m: (owners[m] != m, methods.index(m))):
-        cmd = [sys.executable, os.path.join(REPO, "tools/train_net.py"), "--quiet", "--config-file", method_config(method), *opts(method)]
-        if owners[method] != method:
-            base = os.path.join(args.output_dir, owners[method], "step0", "model_final.pth")
-            cmd += ["CONT.BASE_WEIGHTS", base]
-        print(f"\n=== {method} (base: {owners[method]}'s): {' '.join(cmd[1:])}", flush=True)
-        subprocess.run(cmd, check=True, cwd=REPO)
+
+    def done(method, out):
+        rows = load_results(out)
+        last = rows[-1] if rows else {}
+        print(f"  {method}: done after {time.time() - start:.0f} s; step {last.get('step')}: "
+              f"PQ old {last.get('PQ_old', float('nan')):.1f} new {last.get('PQ_new', float('nan')):.1f}",
+              flush=True)
+
+    owners = run_with_own_bases(
+        [(m, method_config(m), opts(m)) for m in methods],
+        train_net=os.path.join(REPO, "tools/train_net.py"),
+        jobs=args.jobs,
+        env=env,
+        extra_args=("--resume", "--quiet"),
+        on_done=done,
+        log_dir=args.output_dir,
+    )
+    print("bases: " + ", ".join(f"{m} from {owners[m]}'s" for m in methods), flush=True)
 
     all_rows = [r for m in methods for r in load_results(os.path.join(args.output_dir, m))]
-    title = "synthetic panoptic 10-10 (CPU demo)"
+    title = "synthetic benchmark, panoptic 10-10 (CPU demo)"
     table = results_table(all_rows, title)
     atomic_write_text(os.path.join(args.output_dir, "results.md"), table + "\n")
-    for method in methods:
-        rows = [r for r in all_rows if r["method"] == method]
-        plot_results(os.path.join(args.output_dir, f"results_{method}.png"), rows, f"{title}: {method}")
+    by_method = {m: [r for r in all_rows if r["method"] == m] for m in methods}
+    plot_methods(os.path.join(args.output_dir, "results.png"), by_method, title)
     print("\n" + table)
-    print(f"\n{len(methods)} methods in {time.time() - start:.0f} s; table and plots in {args.output_dir}/")
+    print(f"\n{len(methods)} methods in {time.time() - start:.0f} s; table in {args.output_dir}/results.md, "
+          f"plot in {args.output_dir}/results.png")
     return 0
 
 
