@@ -26,11 +26,11 @@ Timing: the implementations run alternated (official, before, new, official, ...
 times on the same inputs with one torch thread; the table shows the median ms per call and the
 ratio of the medians to the official loop's.
 
-Memory: peak resident memory above the resident memory before the call (VmHWM - VmRSS from
-/proc/self/status; VmHWM is reset through /proc/self/clear_refs before each call). glibc's
-dynamic mmap threshold is pinned at 64 KiB (mallopt) so that tensors are mapped and unmapped,
-not kept in the heap after being freed, which would hide later peaks. It counts everything the
-call touches: tensors, torch's scratch buffers and Python objects. Linux only.
+Memory: the peak of the memory held by torch's CPU allocator during one call (its result
+included), from the profiler's memory events ("Total Allocated" above its value at the call's
+start): every tensor the call allocates, whatever the C library does with freed memory (a
+process's peak RSS cannot be reset and keeps freed heap pages). Kernels' own scratch buffers
+(a few KB) are not seen.
 
 Outputs of the three are compared with ``torch.equal`` (labels and masks) on every case.
 
@@ -39,12 +39,12 @@ Outputs of the three are compared with ``torch.equal`` (labels and masks) on eve
 """
 
 import argparse
-import ctypes
 import json
 import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple
@@ -52,6 +52,7 @@ from typing import Callable, Dict, List, Tuple
 import torch
 from torch import Tensor
 from torch.nn import functional as F
+from torch.profiler import ProfilerActivity, profile
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -236,33 +237,25 @@ def make_teacher(
 
 
 # ------------------------------------------------------------------------- measuring
-def _status_kib() -> Dict[str, int]:
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmHWM:", "VmRSS:")):
-                key, value = line.split(":")
-                out[key] = int(value.split()[0])
-    return out
-
-
-def peak_memory_mib(fn: Callable[[], object]) -> float:
-    """Peak resident memory of ``fn()`` above the resident memory before it, MiB (Linux)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current VmRSS
-    before = _status_kib()["VmRSS"]
-    result = fn()
-    peak = _status_kib()["VmHWM"]
-    del result
-    return (peak - before) / 1024
-
-
-def pin_mmap_threshold() -> bool:
-    """Fix glibc's mmap threshold (M_MMAP_THRESHOLD = -3) so freed tensors leave the RSS."""
-    try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16))
-    except OSError:
-        return False
+def peak_tensor_mib(fn: Callable[[], object]) -> float:
+    """
+    Peak memory held by torch's CPU allocator during ``fn()`` (its result included), MiB: the
+    largest "Total Allocated" of the profiler's memory events, above its value when ``fn``
+    starts. Scratch buffers that kernels allocate themselves (a few KB) are not seen.
+    """
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+        del result
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = [e["args"] for e in json.load(f)["traceEvents"] if e.get("name") == "[memory]"]
+    if not events:
+        return 0.0
+    # The running total does not restart with each profiler: measured from its first value.
+    start = events[0]["Total Allocated"] - events[0]["Bytes"]
+    return (max(e["Total Allocated"] for e in events) - start) / 2**20
 
 
 def same_outputs(a: PseudoLabels, b: PseudoLabels) -> bool:
@@ -290,7 +283,7 @@ def run_case(args, sizes: dict, regime: str, activation: str, seed: int) -> dict
             IMPLEMENTATIONS[name](logits, masks, covered, **kwargs)
             times[name].append(time.perf_counter() - start)
     memory = {
-        name: peak_memory_mib(lambda: IMPLEMENTATIONS[name](logits, masks, covered, **kwargs))
+        name: peak_tensor_mib(lambda: IMPLEMENTATIONS[name](logits, masks, covered, **kwargs))
         for name in names
     }
     ms = {name: 1000 * statistics.median(t) for name, t in times.items()}
@@ -318,7 +311,6 @@ def main():
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "pseudo_labels.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    pinned = pin_mmap_threshold()
     sizes = SIZES[args.sizes]
 
     rows = []
@@ -346,8 +338,9 @@ def main():
         "repeats": args.repeats,
         "threads": args.threads,
         "seed": args.seed,
-        "memory_method": "VmHWM - VmRSS (/proc/self/status, VmHWM reset via clear_refs), "
-        + ("mmap threshold pinned at 64 KiB" if pinned else "mmap threshold NOT pinned"),
+        "memory_method": "peak of torch.profiler memory events' Total Allocated (CPU allocator) "
+        "during one call, its result included",
+        "load_average": os.getloadavg(),
         "torch": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "platform": platform.platform(),

@@ -294,26 +294,27 @@ def _cell_decisions(
         bin_true = low_k - others_high >= theta + bin_margin
         bin_known = bin_true | (high_k - others_low <= theta - bin_margin)
         # score x probability ordered as log score + logit: the normaliser is common
-        value_low = low_k + scores.to(dtype).log()[:, None]
-        value_high = high_k + scores.to(dtype).log()[:, None]
+        log_score = scores.to(dtype).log()[:, None]
+        value_low, value_high = low_k + log_score, high_k + log_score
     else:
         low_k, high_k = _cell_bounds(logits.index_select(0, kept))
         low_k -= slack
         high_k += slack
         bin_true = low_k >= theta + bin_margin
         bin_known = bin_true | (high_k <= theta - bin_margin)
-        value_low = F.logsigmoid(low_k) + scores.to(dtype).log()[:, None]
-        value_high = F.logsigmoid(high_k) + scores.to(dtype).log()[:, None]
+        log_score = scores.to(dtype).log()[:, None]
+        value_low = F.logsigmoid(low_k) + log_score
+        value_high = F.logsigmoid(high_k) + log_score
     best = _first_argmax(value_low, finite=True)  # (h * w)
     best_low = value_low.gather(0, best[None])[0]
-    # The best query surely wins when no other query can come within the margin.
+    # The best query surely wins when no other query can come within the margin ...
     rivals = (value_high > (best_low - margin)).view(torch.uint8).sum(0, dtype=torch.int32)
     win_known = rivals == 1
     if n > 1:
         # ... and its product is far from float32's underflow (products at 0 would tie).
-        if softmax:
-            best_high_others = others_high.gather(0, best[None])[0]
-            floor = best_low - F.softplus(best_high_others - low_k.gather(0, best[None])[0])
+        if softmax:  # log p >= -softplus(logsumexp(others) - logit)
+            gap = others_high.gather(0, best[None])[0] - low_k.gather(0, best[None])[0]
+            floor = log_score[:, 0].index_select(0, best) - F.softplus(gap)
         else:
             floor = best_low
         win_known &= floor > -80
