@@ -219,7 +219,9 @@ def make_teacher(
         is_object[torch.randperm(queries, generator=g)[:num_objects]] = True
         obj = is_object.nonzero()[:, 0]
         logits[b, obj, classes] -= 6.0
-        logits[b, obj, torch.randint(0, classes, (len(obj),), generator=g)] += 3 + 5 * rand(len(obj))
+        logits[b, obj, torch.randint(0, classes, (len(obj),), generator=g)] += 3 + 5 * rand(
+            len(obj)
+        )
         blob = is_object | (rand(queries) < 0.3)
         for q in range(queries):
             if blob[q]:
@@ -232,7 +234,9 @@ def make_teacher(
                 masks[b, q] = -4 + 2 * noise[b, q]
         for _ in range(randint(0, 4)):
             y0, x0 = randint(0, H - H // 10), randint(0, W - W // 10)
-            covered[b, y0 : y0 + randint(H // 20, H // 3), x0 : x0 + randint(W // 20, W // 3)] = True
+            covered[b, y0 : y0 + randint(H // 20, H // 3), x0 : x0 + randint(W // 20, W // 3)] = (
+                True
+            )
     return logits, masks, covered
 
 
@@ -271,9 +275,7 @@ def run_case(args, sizes: dict, regime: str, activation: str, seed: int) -> dict
     outputs = {name: IMPLEMENTATIONS[name](logits, masks, covered, **kwargs) for name in names}
     reference = outputs["official loop"]
     equal = {name: same_outputs(outputs[name], reference) for name in names}
-    kept = int(
-        (logits.softmax(-1).argmax(-1) != logits.shape[-1] - 1).sum(1).float().mean().item()
-    )
+    kept = int((logits.softmax(-1).argmax(-1) != logits.shape[-1] - 1).sum(1).float().mean().item())
     segments = sum(len(labels) for labels, _ in reference) / len(reference)
     del outputs, reference
     times = {name: [] for name in names}
@@ -318,12 +320,17 @@ def main():
         for regime in args.regimes:
             row = run_case(args, sizes, regime, activation, args.seed)
             rows.append(row)
-            print(f"{activation:8s} {regime:6s} kept/image {row['kept_queries_per_image']:3d} "
-                  f"segments/image {row['segments_per_image']:.1f}", flush=True)
+            print(
+                f"{activation:8s} {regime:6s} kept/image {row['kept_queries_per_image']:3d} "
+                f"segments/image {row['segments_per_image']:.1f}",
+                flush=True,
+            )
 
     names = list(IMPLEMENTATIONS)
     print()
-    print("| masks | objects / image | implementation | ms / call | vs official | peak MiB | equal |")
+    print(
+        "| masks | objects / image | implementation | ms / call | vs official | peak MiB | equal |"
+    )
     print("|---|---|---|---:|---:|---:|---|")
     for row in rows:
         for name in names:

@@ -51,7 +51,9 @@ def check(logits, masks, covered, **kwargs):
     return expected
 
 
-def teacher(images=3, queries=12, classes=4, mask_size=(12, 40), size=(48, 160), objects=(0, 6), seed=0):
+def teacher(
+    images=3, queries=12, classes=4, mask_size=(12, 40), size=(48, 160), objects=(0, 6), seed=0
+):
     return bench.make_teacher(images, queries, classes, mask_size, size, objects, seed=seed)
 
 
@@ -79,10 +81,14 @@ def test_many_bands_and_cells_against_whole_images(activation, monkeypatch):
         expected = check(logits, masks, covered, mask_activation=activation)
         with monkeypatch.context() as m:
             m.setattr(pl, "_cell_decisions", lambda *args: None)  # exact bands everywhere
-            assert_same(mask_pseudo_labels(logits, masks, covered, mask_activation=activation), expected)
+            assert_same(
+                mask_pseudo_labels(logits, masks, covered, mask_activation=activation), expected
+            )
         with monkeypatch.context() as m:
             m.setattr(pl, "_separable_upsampling_is_exact", lambda: False)  # whole images
-            assert_same(mask_pseudo_labels(logits, masks, covered, mask_activation=activation), expected)
+            assert_same(
+                mask_pseudo_labels(logits, masks, covered, mask_activation=activation), expected
+            )
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
@@ -175,7 +181,12 @@ def test_sizes_upsampled_whole(activation, mask_size, size):
 def test_aten_kernel_choices(activation):
     # Channels-last masks and 3 queries under one thread run ATen's other bilinear kernel.
     logits, masks, covered = teacher(objects=(1, 8), seed=7)
-    check(logits, masks.contiguous(memory_format=torch.channels_last), covered, mask_activation=activation)
+    check(
+        logits,
+        masks.contiguous(memory_format=torch.channels_last),
+        covered,
+        mask_activation=activation,
+    )
     logits, masks, covered = teacher(queries=3, objects=(1, 3), seed=7)
     check(logits, masks, covered, mask_activation=activation)
     # 3 kept queries out of 12 (sigmoid upsamples the kept ones only).

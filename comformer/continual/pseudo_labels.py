@@ -285,39 +285,47 @@ def _cell_decisions(
     bin_margin = margin * (1 + 1 / (1 - mask_threshold))
     slack = magnitude * 2.0**-20  # the interpolation's rounding
 
-    logits = logits.to(dtype).reshape(num_queries, h, w)
+    logits = logits.to(dtype)
+    # The rounding slack of both bounds is folded into the constants compared with.
     if softmax:
         low, high = _cell_bounds(logits)  # (Q, h * w)
-        low_k, high_k = low.index_select(0, kept) - slack, high.index_select(0, kept) + slack
-        others_high = _others_logsumexp(high, kept, upper=True) + slack  # (n, h * w)
-        others_low = _others_logsumexp(low, kept, upper=False) - slack
-        bin_true = low_k - others_high >= theta + bin_margin
-        bin_known = bin_true | (high_k - others_low <= theta - bin_margin)
-        # score x probability ordered as log score + logit: the normaliser is common
+        low_k, high_k = low.index_select(0, kept), high.index_select(0, kept)  # (n, h * w)
+        # p >= t surely when low - logsumexp(others' high) >= logit(t) + margin, surely not
+        # when high - logsumexp(others' low) <= logit(t) - margin.
+        true_above = _others_logsumexp(high, kept, True, theta + bin_margin + 2 * slack)
+        false_below = _others_logsumexp(low, kept, False, theta - bin_margin - 2 * slack)
+        bin_true = low_k >= true_above
+        bin_known = bin_true | (high_k <= false_below)
+        # Score x probability ordered by log score + logit: the normaliser is common.
         log_score = scores.to(dtype).log()[:, None]
         value_low, value_high = low_k + log_score, high_k + log_score
+        best = _first_argmax(value_low, finite=True)  # (h * w)
+        best_low = value_low.gather(0, best[None])[0]
+        rivals = value_high > (best_low - margin - 2 * slack)
+        # log p >= -softplus(logsumexp(others' high) - low), the best's far above log(1e-35)
+        # (products that underflowed would tie at 0).
+        gap = (
+            true_above.gather(0, best[None])[0]
+            - theta
+            - bin_margin
+            - low_k.gather(0, best[None])[0]
+        )
+        floor_ok = log_score[:, 0].index_select(0, best) - F.softplus(gap) > -80
     else:
         low_k, high_k = _cell_bounds(logits.index_select(0, kept))
-        low_k -= slack
-        high_k += slack
-        bin_true = low_k >= theta + bin_margin
-        bin_known = bin_true | (high_k <= theta - bin_margin)
-        log_score = scores.to(dtype).log()[:, None]
-        value_low = F.logsigmoid(low_k) + log_score
-        value_high = F.logsigmoid(high_k) + log_score
-    best = _first_argmax(value_low, finite=True)  # (h * w)
-    best_low = value_low.gather(0, best[None])[0]
-    # The best query surely wins when no other query can come within the margin ...
-    rivals = (value_high > (best_low - margin)).view(torch.uint8).sum(0, dtype=torch.int32)
-    win_known = rivals == 1
+        bin_true = low_k >= theta + bin_margin + slack
+        bin_known = bin_true | (high_k <= theta - bin_margin - slack)
+        # Score x probability itself (its rounding is relative).
+        scores = scores.to(dtype)[:, None]
+        value_low, value_high = low_k.sigmoid_().mul_(scores), high_k.sigmoid_().mul_(scores)
+        best = _first_argmax(value_low, finite=True)
+        best_low = value_low.gather(0, best[None])[0]
+        rivals = value_high > best_low * math.exp(-margin - 2 * slack)
+        floor_ok = best_low > math.exp(slack - 80)
+    # The best query surely wins when no other can come within the margin ...
+    win_known = rivals.view(torch.uint8).sum(0, dtype=torch.int32) == 1
     if n > 1:
-        # ... and its product is far from float32's underflow (products at 0 would tie).
-        if softmax:  # log p >= -softplus(logsumexp(others) - logit)
-            gap = others_high.gather(0, best[None])[0] - low_k.gather(0, best[None])[0]
-            floor = log_score[:, 0].index_select(0, best) - F.softplus(gap)
-        else:
-            floor = best_low
-        win_known &= floor > -80
+        win_known &= floor_ok  # ... and its product cannot tie with others at 0
     win_bin = bin_true.gather(0, best[None])[0]
     win_known &= bin_known.gather(0, best[None])[0]
 
@@ -357,19 +365,22 @@ def _cell_bounds(logits: Tensor) -> Tuple[Tensor, Tensor]:
     return bounds[0], bounds[1]
 
 
-def _others_logsumexp(values: Tensor, kept: Tensor, upper: bool) -> Tensor:
+def _others_logsumexp(values: Tensor, kept: Tensor, upper: bool, shift: float) -> Tensor:
     """
-    A bound (upper or lower) on logsumexp over q != k of ``values`` (Q, L), for each k in
-    ``kept``: the total minus the k-th exponential, widened by the float error of the total
-    (relative (Q + 2) ulps, so the subtraction's cancellation stays bounded).
+    ``shift`` plus a bound (upper or lower) on logsumexp over q != k of ``values`` (Q, L), for
+    each k in ``kept``: the total minus the k-th exponential, widened by the float error of
+    the total (relative (Q + 2) ulps, which bounds the subtraction's cancellation).
+
+    Returns:
+        (n, L).
     """
     top = values.amax(0)
     exps = torch.sub(values, top).exp_()
     total = exps.sum(0)
     others = total - exps.index_select(0, kept)
     error = 2 * (values.shape[0] + 2) * torch.finfo(values.dtype).eps * total
-    others = others + error if upper else (others - error).clamp_(min=0)
-    return others.log_() + top
+    others = others.add_(error) if upper else others.sub_(error).clamp_(min=0)
+    return others.log_().add_(top + shift)
 
 
 # ------------------------------------------------------------------ exact upsampling, by bands
@@ -505,7 +516,9 @@ def _upsampled_bands(
         image = masks[b : b + 1] if channels is None else masks[b : b + 1].index_select(1, channels)
         logits = F.interpolate(image, size=size, mode="bilinear", align_corners=False)[0]
         # (C, H * W) contiguous, as the official code's per-image stack.
-        yield logits.reshape(logits.shape[0], height * width), slice(0, height * width), height * width
+        yield logits.reshape(logits.shape[0], height * width), slice(
+            0, height * width
+        ), height * width
         return
     factor = geometry.factor
     image = masks[b] if channels is None else masks[b].index_select(0, channels)
@@ -526,7 +539,9 @@ def _upsampled_bands(
         if rows not in buffers:
             buffers[rows] = image.new_empty(num_channels, _plane_length(rows * width))
         buffer = buffers[rows]
-        _separable_rows(image, lo, hi, width, factor, buffer[:, : rows * width].view(-1, rows, width))
+        _separable_rows(
+            image, lo, hi, width, factor, buffer[:, : rows * width].view(-1, rows, width)
+        )
         if exact is None:
             yield buffer, band, rows * width
         else:
@@ -583,6 +598,7 @@ def _first_argmax(values: Tensor, finite: bool) -> Tensor:
     dtype = torch.uint8 if n < 2**8 else torch.int16 if n < 2**15 else torch.int64
     rank = torch.arange(n, 0, -1, dtype=dtype, device=values.device)[:, None]
     return n - (is_max.to(dtype) * rank).amax(0).long()
+
 
 def _per_class_median(values: Tensor, classes: Tensor, num_classes: int) -> Tensor:
     """
