@@ -93,6 +93,11 @@ def mask_pseudo_labels(
     the kept queries' masks only (all of them for softmax masks, whose normaliser needs every
     query). Otherwise each image is upsampled whole, as by the official code.
 
+    Equal to the official code with one torch thread (as the tests and the bench run). With
+    several, ATen computes the values at the ends of its threads' chunks with scalar code that
+    can round differently, so any of the implementations can change a value with the thread
+    count. On CUDA, where ATen's kernels differ, equality has not been tested.
+
     Args:
         pred_logits: (B, Q, K_old+1) teacher class logits.
         pred_masks: (B, Q, h, w) teacher mask logits.
@@ -516,9 +521,8 @@ def _upsampled_bands(
         image = masks[b : b + 1] if channels is None else masks[b : b + 1].index_select(1, channels)
         logits = F.interpolate(image, size=size, mode="bilinear", align_corners=False)[0]
         # (C, H * W) contiguous, as the official code's per-image stack.
-        yield logits.reshape(logits.shape[0], height * width), slice(
-            0, height * width
-        ), height * width
+        num_pixels = height * width
+        yield logits.reshape(logits.shape[0], num_pixels), slice(0, num_pixels), num_pixels
         return
     factor = geometry.factor
     image = masks[b] if channels is None else masks[b].index_select(0, channels)
