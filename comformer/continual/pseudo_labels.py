@@ -238,6 +238,9 @@ def _band_geometry(masks: Tensor, size: Tuple[int, int]) -> Optional[_Geometry]:
     return _Geometry(factor, cells, torch.bincount(cells, minlength=h * w))
 
 
+# Below this share of pixels decided by the cells, an image is computed whole, band by band.
+_MIN_DECIDED = 0.25
+
 # Decisions closer to a threshold or a tie than this (in log space) are computed exactly: far
 # above the relative rounding of the official code's probabilities (a softmax sums Q
 # exponentials; exp is accurate to some ulps) and of the bounds computed here.
@@ -273,7 +276,8 @@ def _cell_decisions(
         magnitude: the largest absolute logit (of the kept queries for sigmoid masks).
 
     Returns:
-        None (bounds unusable: threshold not in (0, 1), huge logits), or
+        None (bounds unusable: threshold not in (0, 1), huge logits; or too few pixels decided),
+        or
         exact (H * W) bool: the pixels left to compute exactly;
         win (H * W) int64, win_bin (H * W) bool: the winner (position in ``kept``) and whether
             the pixel is in its binarised mask, on decided pixels;
@@ -337,6 +341,8 @@ def _cell_decisions(
     cells, cell_pixels = geometry.cells, geometry.cell_pixels
     uncovered = torch.bincount(cells.masked_select(~covered.reshape(-1)), minlength=h * w)
     decided = bin_known.all(0) & ((uncovered == 0) | win_known)
+    if float((decided * cell_pixels).sum()) < _MIN_DECIDED * cells.numel():
+        return None  # whole bands cost less than gathering most of their pixels
     # Exact sums of integers (float64 below 2^53).
     decided_pixels = (decided * cell_pixels).to(torch.float64)
     bin_area = torch.mv(bin_true.to(torch.float64), decided_pixels).long()
