@@ -259,7 +259,8 @@ def add_comformer_config(cfg: CN) -> None:
     cfg.CONT.COMFORMER.KD_TEMPERATURE = 1.0
     # Mask-based pseudo-labels of the old classes from the teacher join the ground truth.
     cfg.CONT.COMFORMER.PSEUDO_LABELS = True
-    # Teacher queries with a class score below this give no pseudo-label.
+    # Teacher queries whose class score is not above this give no pseudo-label (strict, as the
+    # official code).
     cfg.CONT.COMFORMER.PSEUDO_THRESHOLD = 0.0
 
     # PLOP (CONT.METHOD plop): two variants (continual/plop.py); each key below left at its
@@ -286,7 +287,7 @@ def add_comformer_config(cfg: CN) -> None:
     # Pseudo-labels of the old classes: "mask" (CoMFormer's, mask classification), "entropy"
     # (PLOP's) or "none"; "": the variant's (comformer on mask classification: mask; else entropy).
     cfg.CONT.PLOP.PSEUDO_LABELS = ""
-    # "mask" pseudo-labels: teacher queries with a class score below this give none.
+    # "mask" pseudo-labels: teacher queries whose class score is not above this give none.
     cfg.CONT.PLOP.PSEUDO_THRESHOLD = 0.0
     # "entropy" pseudo-labels: lowest per-class threshold on the uncertainty (the normalised entropy;
     # PLOP's own scaling on the per-pixel head, see continual/plop.py).

@@ -3,7 +3,7 @@
 
 Synthetic panoptic 10-10 (synthetic_shapes: every class its own shape and colour) on CPU: the base
 step (10 classes), then the second step (10 new classes, without labels for the old ones), for
-each method, two processes at a time. Every method starts from a base trained with its own step-0
+each method, all three at once (a method adopting a base starts when that base is trained). Every method starts from a base trained with its own step-0
 losses: fine-tuning's and joint's base is Mask2Former's, CoMFormer trains its own (softmax masks and
 focal loss); joint trains the second step's model anew on all data. Ends with the steps x
 old/new/all PQ and mIoU table and one plot comparing the methods (results.png):
@@ -44,7 +44,7 @@ def main() -> int:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--base-iters", type=int, default=300, help="iterations of the base step")
     parser.add_argument("--iters-per-class", type=int, default=20, help="incremental iterations per new class")
-    parser.add_argument("--jobs", type=int, default=2, help="training processes at a time (one torch thread each on CPU)")
+    parser.add_argument("--jobs", type=int, default=3, help="training processes at a time (one torch thread each on CPU)")
     parser.add_argument("--methods", nargs="+", default=["ft", "joint", "comformer"])
     parser.add_argument("--output-dir", default="./output/demo")
     args = parser.parse_args()

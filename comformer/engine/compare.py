@@ -4,10 +4,11 @@ at a time: the demo and the benchmarks use it, so their numbers are those a user
 configs.
 
 A run is ``(key, config file, options)``; runs with equal base signatures share one base run
-(the first key in sorted order trains it, the others wait for it and adopt it with
-``CONT.BASE_WEIGHTS``), whatever the order the runs are given in.
+(the first key in sorted order trains it, the others wait for its base step to finish and adopt it
+with ``CONT.BASE_WEIGHTS``), whatever the order the runs are given in.
 """
 import os
+import time
 import subprocess
 import sys
 import threading
@@ -73,8 +74,14 @@ def run_with_own_bases(
         owner = owners[key]
         try:
             if owner != key:
-                done[owner].wait()
-                cmd += ["CONT.BASE_WEIGHTS", os.path.join(_output_dir(by_key[owner][1]), "step0", "model_final.pth")]
+                base_dir = os.path.join(_output_dir(by_key[owner][1]), "step0")
+                # the owner's base step is finished when the runner writes its done.json; the
+                # owner's later steps need not be waited for
+                while not done[owner].is_set() and not os.path.isfile(
+                    os.path.join(base_dir, "done.json")
+                ):
+                    time.sleep(1.0)
+                cmd += ["CONT.BASE_WEIGHTS", os.path.join(base_dir, "model_final.pth")]
             folder = log_dir or os.path.dirname(os.path.abspath(out))
             os.makedirs(folder, exist_ok=True)
             log = os.path.join(folder, os.path.basename(os.path.normpath(out)) + ".log")
