@@ -89,15 +89,19 @@ def main() -> int:
               f"PQ old {last.get('PQ_old', float('nan')):.1f} new {last.get('PQ_new', float('nan')):.1f}",
               flush=True)
 
-    owners = run_with_own_bases(
-        [(m, method_config(m), opts(m)) for m in methods],
-        train_net=os.path.join(REPO, "tools/train_net.py"),
-        jobs=args.jobs,
-        env=env,
-        extra_args=("--resume", "--quiet"),
-        on_done=done,
-        log_dir=args.output_dir,
-    )
+    try:
+        owners = run_with_own_bases(
+            [(m, method_config(m), opts(m)) for m in methods],
+            train_net=os.path.join(REPO, "tools/train_net.py"),
+            jobs=args.jobs,
+            env=env,
+            extra_args=("--resume", "--quiet"),
+            on_done=done,
+            log_dir=args.output_dir,
+        )
+    except RuntimeError as e:  # a run failed: its log says why
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print("bases: " + ", ".join(f"{m} from {owners[m]}'s" for m in methods), flush=True)
 
     all_rows = [r for m in methods for r in load_results(os.path.join(args.output_dir, m))]
