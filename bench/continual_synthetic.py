@@ -16,8 +16,13 @@ writes the JSON (default bench/results/continual_<dataset>.json).
 
 The JSON is rewritten after every run, so an interrupted benchmark keeps what it measured; the same
 command again goes on (finished steps are skipped, a killed step resumes from its checkpoint).
-Extra config options go after --opts (e.g. --opts CONT.COMFORMER.KD_WEIGHT 2).
+Extra config options go after --opts (e.g. --opts CONT.COMFORMER.KD_WEIGHT 2). Runs of earlier
+invocations (other seeds, say) join the table and the JSON with --include:
+
+    .venv/bin/python bench/continual_synthetic.py --seeds 1 2 --include bench/results/seed0.json \
+        --output bench/results/all_seeds.json
 """
+
 import argparse
 import json
 import math
@@ -52,16 +57,78 @@ def _mean_sd(values):
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def _included_runs(paths, planned, opts, parser):
+    """Runs of earlier results JSONs, checked: same extra options, none also run now, no duplicates."""
+    included, seen = [], set()
+    for path in paths:
+        try:
+            data = json.loads(Path(path).read_text())
+            earlier = data["runs"]
+            earlier_opts = data["args"].get("opts", [])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            parser.error(f"--include {path}: not a results JSON of this benchmark ({e})")
+        if list(earlier_opts) != list(opts):
+            parser.error(f"--include {path}: its runs used --opts {earlier_opts}, these use {opts}; "
+                         "a table must compare runs made with the same options")  # fmt: skip
+        for run in earlier:
+            key = (run["task"], run["seed"], run["method"])
+            if key in planned:
+                parser.error(
+                    f"--include {path}: {key} is also run now; leave it out of --seeds/--methods"
+                )
+            if key in seen:
+                parser.error(f"--include {path}: {key} is in more than one included file")
+            seen.add(key)
+            included.append(run)
+    return included
+
+
+def summarize(runs, dataset):
+    """Mean ± sd over seeds per scenario and method, as JSON rows and as a markdown table."""
+    seeds = sorted({r["seed"] for r in runs})
+    title = f"synthetic {dataset} panoptic, after the last step; mean ± sd over seeds {seeds}"
+    lines = [title, "| scenario | method | seeds | " + " | ".join(KEYS) + " |",
+             "|---|---|---:|" + "---:|" * len(KEYS)]  # fmt: skip
+    summary = []
+    tasks = list(dict.fromkeys(r["task"] for r in runs))
+    methods = [m for m in METHODS if any(r["method"] == m for r in runs)]
+    methods += sorted({r["method"] for r in runs} - set(methods))
+    for task in tasks:
+        for method in methods:
+            sel = [r for r in runs if r["task"] == task and r["method"] == method]
+            if not sel:
+                continue
+            stats = {k: _mean_sd([r[k] for r in sel]) for k in KEYS}
+            summary.append({"task": task, "method": method, "seeds": sorted(r["seed"] for r in sel),
+                            **{k: list(v) for k, v in stats.items()}})  # fmt: skip
+            cells = " | ".join(f"{m:.1f} ± {s:.1f}" for m, s in stats.values())
+            lines.append(f"| {task} | {method} | {len(sel)} | {cells} |")
+    return summary, lines
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--dataset", choices=sorted(DATASETS), default="shapes")
     parser.add_argument("--scenarios", nargs="+", default=["10-10", "10-2"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (one torch thread each)")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="runs in parallel (one torch thread each)"
+    )
     parser.add_argument("--workdir", default=None, help="default output/bench_continual_<dataset>")
-    parser.add_argument("--output", default=None, help="default bench/results/continual_<dataset>.json")
+    parser.add_argument(
+        "--output", default=None, help="default bench/results/continual_<dataset>.json"
+    )
+    parser.add_argument(
+        "--include",
+        nargs="+",
+        default=[],
+        metavar="JSON",
+        help="results JSON of earlier runs (e.g. other seeds) to add to the table",
+    )
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[])
     args = parser.parse_args()
 
@@ -77,14 +144,20 @@ def main() -> int:
     output = REPO / (args.output or f"bench/results/continual_{args.dataset}.json")
     output.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
-    env["OMP_NUM_THREADS"] = env.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))
+    env["OMP_NUM_THREADS"] = env.get(
+        "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs))
+    )
 
     def opts(task, method, seed):
         out = workdir / task / f"seed{seed}" / method
         return out, ["SEED", str(seed), "MODEL.DEVICE", args.device, "CONT.METHOD", method,
                      "CONT.VIS_IMAGES", "0", "OUTPUT_DIR", str(out), *args.opts]  # fmt: skip
 
-    runs, lock = [], threading.Lock()
+    planned = {
+        (task, seed, m) for task in args.scenarios for seed in args.seeds for m in args.methods
+    }
+    included = _included_runs(args.include, planned, args.opts, parser)
+    runs, lock = list(included), threading.Lock()
 
     def record(key, out):
         task, seed, method = key
@@ -95,8 +168,11 @@ def main() -> int:
         with lock:
             runs.append(entry)
             output.write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1))
-            print(f"{task} seed {seed} {method}: "
-                  + ", ".join(f"{k} {last.get(k, float('nan')):.1f}" for k in KEYS), flush=True)
+            print(
+                f"{task} seed {seed} {method}: "
+                + ", ".join(f"{k} {last.get(k, float('nan')):.1f}" for k in KEYS),
+                flush=True,
+            )
 
     # Per seed, runs whose bases have the same signature (same losses, base classes and config,
     # whatever the scenario) share one base run (comformer/engine/compare.py).
@@ -120,16 +196,7 @@ def main() -> int:
                     entry["base_of"] = "{}/{}".format(owners[key][0], owners[key][2])
             print(f"seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
 
-    summary = []
-    title = (f"synthetic {args.dataset} panoptic, after the last step; mean ± sd over seeds "
-             f"{args.seeds}")  # fmt: skip
-    lines = [title, "| scenario | method | " + " | ".join(KEYS) + " |", "|---|---|" + "---:|" * len(KEYS)]
-    for task in args.scenarios:
-        for method in args.methods:
-            sel = [r for r in runs if r["task"] == task and r["method"] == method]
-            stats = {k: _mean_sd([r[k] for r in sel]) for k in KEYS}
-            summary.append({"task": task, "method": method, **{k: list(v) for k, v in stats.items()}})
-            lines.append(f"| {task} | {method} | " + " | ".join(f"{m:.1f} ± {s:.1f}" for m, s in stats.values()) + " |")
+    summary, lines = summarize(runs, args.dataset)
     print("\n" + "\n".join(lines))
     output.write_text(json.dumps({"args": vars(args), "summary": summary, "runs": runs}, indent=1))
     print(f"wrote {output}")
