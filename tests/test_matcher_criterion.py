@@ -254,7 +254,7 @@ def centre_points(monkeypatch):
     def fake(pred, *args, **kwargs):
         return CENTRES_2X2[None].expand(pred.shape[0], -1, -1).clone()
 
-    monkeypatch.setattr(criterion_module, "get_uncertain_point_coords_with_randomness", fake)
+    monkeypatch.setattr(criterion_module, "uncertain_point_coords", fake)
 
 
 def _hand_outputs():
@@ -481,3 +481,31 @@ def test_criterion_from_config():
     assert criterion.empty_weight.shape == (151,)
     assert criterion.matcher.mask_activation == criterion.mask_activation == "softmax"
     assert criterion.num_points == criterion.matcher.num_points == 112 * 112
+
+
+@pytest.mark.parametrize("num_masks,ratio,importance", [(5, 3.0, 0.75), (3, 2.0, 1.0), (4, 1.0, 0.0)])
+def test_uncertain_point_coords_are_detectron2s_points(num_masks, ratio, importance):
+    """Same random draws, same chosen points as detectron2's function (Mask2Former's); only the
+    order of the uncertain points within a mask may differ."""
+    from detectron2.projects.point_rend.point_features import (
+        get_uncertain_point_coords_with_randomness,
+    )
+
+    pred = torch.randn(num_masks, 1, 9, 11, generator=torch.Generator().manual_seed(3))
+    args = (lambda x: -x.abs(), 50, ratio, importance)
+    torch.manual_seed(0)
+    ours = criterion_module.uncertain_point_coords(pred, *args)
+    after_ours = torch.rand(3)
+    torch.manual_seed(0)
+    ref = get_uncertain_point_coords_with_randomness(pred, *args)
+    after_ref = torch.rand(3)
+    assert ours.shape == ref.shape == (num_masks, 50, 2)
+    assert torch.equal(after_ours, after_ref)  # the generator is left in the same state
+    k = int(importance * 50)
+    assert torch.equal(ours[:, k:], ref[:, k:])  # the uniform points, in order
+
+    def as_set(coords):  # order of the uncertain points within each mask
+        keys = coords[..., 0] * 4 + coords[..., 1]
+        return torch.gather(coords, 1, keys.argsort(dim=1)[..., None].expand(-1, -1, 2))
+
+    assert torch.equal(as_set(ours[:, :k]), as_set(ref[:, :k]))

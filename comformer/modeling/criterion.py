@@ -11,16 +11,13 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from detectron2.config import configurable
-from detectron2.projects.point_rend.point_features import (
-    get_uncertain_point_coords_with_randomness,
-    point_sample,
-)
+from detectron2.projects.point_rend.point_features import point_sample
 from detectron2.utils.comm import get_world_size
 
 from .mask_losses import dice_loss, sigmoid_ce_loss, softmax_ce_loss
 from .matcher import HungarianMatcher, check_mask_activation
 
-__all__ = ["SetCriterion", "ClassLoss", "build_loss_weight_dict"]
+__all__ = ["SetCriterion", "ClassLoss", "build_loss_weight_dict", "uncertain_point_coords"]
 
 Indices = List[Tuple[Tensor, Tensor]]
 # A classification loss replacing Mask2Former's: (logits (B, Q, K+1), target classes (B, Q) int64
@@ -52,6 +49,44 @@ def _uncertainty_of_logits(point_logits: Tensor) -> Tensor:
 def _uncertainty_of_probs(point_probs: Tensor) -> Tensor:
     # For softmax masks the same rule on probabilities: 2p - 1 is 0 at p = 0.5 (CoMFormer).
     return -(2 * point_probs - 1).abs()
+
+
+def uncertain_point_coords(
+    pred: Tensor,
+    uncertainty: Callable[[Tensor], Tensor],
+    num_points: int,
+    oversample_ratio: float,
+    importance_sample_ratio: float,
+) -> Tensor:
+    """
+    PointRend's training points (detectron2's ``get_uncertain_point_coords_with_randomness``, which
+    Mask2Former uses): ``int(num_points * oversample_ratio)`` uniform candidates per mask, the
+    ``int(importance_sample_ratio * num_points)`` most uncertain of them, then uniform points up to
+    ``num_points``.
+
+    The same random draws in the same order as detectron2's, so the same points; the uncertain
+    ones are taken with an unsorted top-k and a gather (detectron2 sorts them by uncertainty and
+    indexes a flattened copy, which cost a third of the function on CPU): their order within a
+    mask differs, which changes the losses (means over points) by float rounding only.
+
+    Args:
+        pred: (M, 1, H, W) predictions the uncertainty is measured on.
+        uncertainty: (M, 1, P') sampled predictions -> (M, 1, P') uncertainties.
+
+    Returns:
+        (M, num_points, 2) coordinates in [0, 1].
+    """
+    num_masks = pred.shape[0]
+    num_candidates = int(num_points * oversample_ratio)
+    num_uncertain = int(importance_sample_ratio * num_points)
+    coords = torch.rand(num_masks, num_candidates, 2, device=pred.device)
+    scores = uncertainty(point_sample(pred, coords, align_corners=False))[:, 0]
+    idx = torch.topk(scores, k=num_uncertain, dim=1, sorted=False)[1]
+    chosen = torch.gather(coords, 1, idx.unsqueeze(-1).expand(-1, -1, 2))
+    if num_points > num_uncertain:
+        rest = torch.rand(num_masks, num_points - num_uncertain, 2, device=pred.device)
+        chosen = torch.cat([chosen, rest], dim=1)
+    return chosen
 
 
 def _stack_target_masks(masks: Sequence[Tensor], like: Tensor) -> Tensor:
@@ -308,7 +343,7 @@ class SetCriterion(nn.Module):
         """
         # Choosing points is not differentiable and must not keep the candidates' graph.
         with torch.no_grad():
-            point_coords = get_uncertain_point_coords_with_randomness(
+            point_coords = uncertain_point_coords(
                 pred,
                 uncertainty,
                 self.num_points,
