@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from detectron2.config import get_cfg
 
@@ -509,3 +510,17 @@ def test_uncertain_point_coords_are_detectron2s_points(num_masks, ratio, importa
         return torch.gather(coords, 1, keys.argsort(dim=1)[..., None].expand(-1, -1, 2))
 
     assert torch.equal(as_set(ours[:, :k]), as_set(ref[:, :k]))
+
+
+def test_pairwise_sigmoid_ce_is_mask2formers_two_products():
+    """One product and a row sum (comformer) against Mask2Former's two BCE products, on large
+    logits and fractional (bilinearly sampled) targets, in float32 against float64."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(7, 2000, generator=g) * 20
+    targets = torch.rand(5, 2000, generator=g).round() * torch.rand(5, 2000, generator=g).clamp(0.5)
+    x, t = logits.double(), targets.double()
+    pos = F.binary_cross_entropy_with_logits(x, torch.ones_like(x), reduction="none")
+    neg = F.binary_cross_entropy_with_logits(x, torch.zeros_like(x), reduction="none")
+    reference = (pos @ t.t() + neg @ (1 - t).t()) / x.shape[1]
+    torch.testing.assert_close(pairwise_sigmoid_ce_loss(logits, targets).double(), reference,
+                               rtol=1e-6, atol=1e-5)  # fmt: skip
