@@ -18,13 +18,19 @@ import argparse
 import os
 import sys
 import time
+import warnings
 
-import comformer  # noqa: F401  (registers datasets, model parts and methods)
-from comformer.continual import METHOD_REGISTRY
-from comformer.engine import load_results, results_table
-from comformer.engine.compare import run_with_own_bases
-from comformer.engine.results import plot_methods
-from comformer.utils.io import atomic_write_text
+# fvcore's import-time deprecation notice about torch.jit.script: nothing a user can act on
+warnings.filterwarnings(
+    "ignore", message=r".*torch\.jit\.script.* is deprecated", category=FutureWarning
+)
+
+import comformer  # noqa: E402,F401  (registers datasets, model parts and methods)
+from comformer.continual import METHOD_REGISTRY  # noqa: E402
+from comformer.engine import load_results, results_table  # noqa: E402
+from comformer.engine.compare import run_with_own_bases  # noqa: E402
+from comformer.engine.results import plot_methods  # noqa: E402
+from comformer.utils.io import atomic_write_text  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
