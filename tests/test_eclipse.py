@@ -297,3 +297,53 @@ def test_two_step_eclipse_scenario_resumes_after_a_kill(tmp_path):
     rows_full = json.loads((full_out / "results.json").read_text())
     rows_resumed = json.loads((killed_out / "results.json").read_text())
     assert [r["step"] for r in rows_full] == [0, 1] and rows_full == rows_resumed
+
+
+# ------------------------------------------------------------------------------ reference code
+REFERENCE = Path(__file__).resolve().parent / "data" / "eclipse_reference"
+
+
+def _from_reference_state(ref: dict, classes) -> dict:
+    """clovaai/ECLIPSE decoder weights -> EclipseTransformerDecoder's: its per-step MLP
+    classifiers (``class_embed.cls.0`` no-object, ``cls.s+1`` step s) become our hidden layers
+    and rows of the one ``class_embed``."""
+    out = {k: v for k, v in ref.items() if not k.startswith("class_embed.")}
+    heads = [f"class_embed.cls.{s + 1}.layers" for s in range(len(classes))] + ["class_embed.cls.0.layers"]
+    names = [f"class_hidden.{s}" for s in range(len(classes))] + ["no_object_hidden"]
+    for head, name in zip(heads, names):
+        for i, j in ((0, 0), (1, 2)):
+            out[f"{name}.{j}.weight"] = ref[f"{head}.{i}.weight"]
+            out[f"{name}.{j}.bias"] = ref[f"{head}.{i}.bias"]
+    out["class_embed.weight"] = torch.cat([ref[f"{h}.2.weight"] for h in heads])
+    out["class_embed.bias"] = torch.cat([ref[f"{h}.2.bias"] for h in heads])
+    return out
+
+
+@pytest.mark.parametrize(
+    "name, deep", [("decoder_deltas_pos", True), ("decoder_deltas_neg", True), ("decoder_shallow_nodelta", False)]
+)
+def test_inference_equals_the_reference_decoder(name, deep):
+    """Three groups (5 base queries, two steps of 3 prompts, classes 4 + 3 + 2), deep classifiers,
+    prompt mask MLPs: the same weights and inputs give clovaai/ECLIPSE's logits (after the logit
+    manipulation) and masks."""
+    from comformer.continual.eclipse import EclipseTransformerDecoder
+
+    ref = torch.load(REFERENCE / f"{name}.pt", weights_only=True)
+    classes = [4, 3, 2]
+    decoder = EclipseTransformerDecoder(
+        32, True, num_classes=9, hidden_dim=32, num_queries=5, nheads=4, dim_feedforward=64,
+        dec_layers=3, pre_norm=False, mask_dim=16, enforce_input_project=False,
+        step_classes=classes, num_prompts=3, deep_prompts=deep, prompt_mask_mlp=True,
+        deep_cls=True, deltas=ref["deltas"],
+    ).eval()  # fmt: skip
+    decoder.load_state_dict(_from_reference_state(ref["state"], classes))
+    with torch.no_grad():
+        out = decoder(ref["x"], ref["mask_features"])
+    torch.testing.assert_close(out["pred_masks"], ref["pred_masks"], rtol=0, atol=1e-4)
+    torch.testing.assert_close(out["pred_logits"], ref["pred_logits"], rtol=0, atol=1e-4)
+
+
+def test_sigmoid_focal_loss_equals_the_reference():
+    ref = torch.load(REFERENCE / "sigmoid_focal_loss.pt", weights_only=True)
+    value = SigmoidFocalLoss(5.0, 1.0)(ref["logits"], ref["targets"], torch.ones(10))
+    torch.testing.assert_close(value, ref["loss"])
