@@ -1,5 +1,6 @@
 """ECLIPSE (CONT.METHOD eclipse): logit manipulation and loss by hand, settings, the frozen model
 (bit for bit), old query groups undisturbed by a step, and a two-step run killed and resumed."""
+
 import json
 import math
 import signal
@@ -53,7 +54,9 @@ def test_logit_manipulation_by_hand():
                             [_logit(0.2), _logit(0.1), _logit(0.9), -0.3]]])  # fmt: skip
     out = manipulate_logits(logits, [1, 1], [2, 1], [0.4, 0.5])
     # base query: other classes {2}: no-object = logit(0.4 * 0.5); class 2 switched off
-    torch.testing.assert_close(out[0, 0], torch.tensor([_logit(0.6), _logit(0.3), -10.0, _logit(0.2)]))
+    torch.testing.assert_close(
+        out[0, 0], torch.tensor([_logit(0.6), _logit(0.3), -10.0, _logit(0.2)])
+    )
     # prompt: others {0, 1}: sigmoids sum to 0.3 -> no-object logit(0.5 * 0.3)
     torch.testing.assert_close(out[0, 1], torch.tensor([-10.0, -10.0, _logit(0.9), _logit(0.15)]))
     # the sum of the other sigmoids is clamped to 1; a negative delta scales no-object's own
@@ -97,7 +100,9 @@ def test_settings_by_setting_and_config_errors():
     ade_ps = "ade20k_panoptic_train"
     assert setting_default("CONT.ECLIPSE.NUM_PROMPTS", -1, ade_ps, "100-50") == 50
     assert setting_default("CONT.ECLIPSE.INC_MAX_ITER", -1, ade_ps, "100-10") == 16000
-    assert setting_default("CONT.ECLIPSE.INC_BASE_LR", -1, "ade20k_semantic_train", "100-10") == 1e-3
+    assert (
+        setting_default("CONT.ECLIPSE.INC_BASE_LR", -1, "ade20k_semantic_train", "100-10") == 1e-3
+    )
     assert setting_value("CONT.ECLIPSE.LOGIT_DELTAS[1:]", ade_ps, "100-50") == -0.6
     assert setting_default("CONT.ECLIPSE.INC_MAX_ITER", -1, ade_ps, "7-7") == -1  # the engine's
 
@@ -119,7 +124,9 @@ def test_settings_by_setting_and_config_errors():
     ft = build_method(_cfg(), scenario, 0)
     assert method.base_key() != ft.base_key()
 
-    with pytest.raises(ValueError, match="TRANSFORMER_DECODER_NAME='MultiScaleMaskedTransformerDecoder'"):
+    with pytest.raises(
+        ValueError, match="TRANSFORMER_DECODER_NAME='MultiScaleMaskedTransformerDecoder'"
+    ):
         build_method(_cfg("CONT.METHOD", "eclipse"), scenario, 0)
     bad = _cfg(*ECLIPSE, "CONT.ECLIPSE.LOGIT_DELTAS", [0.5, 2.0])
     with pytest.raises(ValueError, match=r"CONT.ECLIPSE.LOGIT_DELTAS=\[0.5, 2.0\]"):
@@ -195,7 +202,10 @@ def test_step_trains_only_its_own_parameters_bit_for_bit():
     after = student.state_dict()
     for name, old in previous.items():
         new = after[name]
-        if name in ("sem_seg_head.predictor.class_embed.weight", "sem_seg_head.predictor.class_embed.bias"):
+        if name in (
+            "sem_seg_head.predictor.class_embed.weight",
+            "sem_seg_head.predictor.class_embed.bias",
+        ):
             assert torch.equal(new[:10], old[:10]) and torch.equal(new[-1], old[-1]), name
             assert not torch.equal(new[10:-1], after[name][-1:].expand_as(new[10:-1]))
         elif name != "criterion.empty_weight":  # a hyper-parameter (the step's config)
@@ -308,7 +318,9 @@ def _from_reference_state(ref: dict, classes) -> dict:
     classifiers (``class_embed.cls.0`` no-object, ``cls.s+1`` step s) become our hidden layers
     and rows of the one ``class_embed``."""
     out = {k: v for k, v in ref.items() if not k.startswith("class_embed.")}
-    heads = [f"class_embed.cls.{s + 1}.layers" for s in range(len(classes))] + ["class_embed.cls.0.layers"]
+    heads = [f"class_embed.cls.{s + 1}.layers" for s in range(len(classes))] + [
+        "class_embed.cls.0.layers"
+    ]
     names = [f"class_hidden.{s}" for s in range(len(classes))] + ["no_object_hidden"]
     for head, name in zip(heads, names):
         for i, j in ((0, 0), (1, 2)):
@@ -320,7 +332,12 @@ def _from_reference_state(ref: dict, classes) -> dict:
 
 
 @pytest.mark.parametrize(
-    "name, deep", [("decoder_deltas_pos", True), ("decoder_deltas_neg", True), ("decoder_shallow_nodelta", False)]
+    "name, deep",
+    [
+        ("decoder_deltas_pos", True),
+        ("decoder_deltas_neg", True),
+        ("decoder_shallow_nodelta", False),
+    ],
 )
 def test_inference_equals_the_reference_decoder(name, deep):
     """Three groups (5 base queries, two steps of 3 prompts, classes 4 + 3 + 2), deep classifiers,
@@ -347,3 +364,29 @@ def test_sigmoid_focal_loss_equals_the_reference():
     ref = torch.load(REFERENCE / "sigmoid_focal_loss.pt", weights_only=True)
     value = SigmoidFocalLoss(5.0, 1.0)(ref["logits"], ref["targets"], torch.ones(10))
     torch.testing.assert_close(value, ref["loss"])
+
+
+def test_eclipse_trains_a_base_of_its_own_on_the_benchmark():
+    from detectron2.config import get_cfg
+    from detectron2.projects.deeplab import add_deeplab_config
+
+    from comformer import add_comformer_config
+    from comformer.engine.bases import base_owners
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from continual_synthetic import METHODS, method_config
+
+    assert "eclipse" in METHODS
+    configs = {}
+    for method in ("ft", "mib", "comformer", "eclipse"):
+        cfg = get_cfg()
+        add_deeplab_config(cfg)
+        add_comformer_config(cfg)
+        cfg.merge_from_file(str(method_config("shapes", "10-10", method)))
+        cfg.merge_from_list(["CONT.METHOD", method])
+        configs[method] = cfg
+    owners = base_owners(configs)
+    assert owners == {"comformer": "comformer", "eclipse": "eclipse", "ft": "ft", "mib": "ft"}
+    # the step-0 losses alone already set it apart from a Mask2Former base of the same model
+    scenario = build_scenario(configs["eclipse"])
+    assert "sigmoid" in build_method(configs["eclipse"], scenario, 0).base_key()

@@ -123,7 +123,9 @@ def eclipse_settings(cfg, num_classes: Optional[int] = None) -> EclipseSettings:
         deltas = [base, setting_value("CONT.ECLIPSE.LOGIT_DELTAS[1:]", dataset, task)]
     bad = [d for d in deltas if not -1 <= d <= 1]
     if bad:
-        raise ValueError(f"CONT.ECLIPSE.LOGIT_DELTAS={list(e.LOGIT_DELTAS)}: values must be in [-1, 1]")
+        raise ValueError(
+            f"CONT.ECLIPSE.LOGIT_DELTAS={list(e.LOGIT_DELTAS)}: values must be in [-1, 1]"
+        )
     # One per group; a shorter list repeats its last value (as the code does).
     deltas = (deltas + [deltas[-1]] * steps)[:steps]
     return EclipseSettings(
@@ -138,7 +140,9 @@ def eclipse_settings(cfg, num_classes: Optional[int] = None) -> EclipseSettings:
         inc_class_weight=setting_default(
             "CONT.ECLIPSE.INC_CLASS_WEIGHT", e.INC_CLASS_WEIGHT, dataset, task
         ),
-        inc_max_iter=int(setting_default("CONT.ECLIPSE.INC_MAX_ITER", e.INC_MAX_ITER, dataset, task)),
+        inc_max_iter=int(
+            setting_default("CONT.ECLIPSE.INC_MAX_ITER", e.INC_MAX_ITER, dataset, task)
+        ),
         inc_base_lr=setting_default("CONT.ECLIPSE.INC_BASE_LR", e.INC_BASE_LR, dataset, task),
     )
 
@@ -330,10 +334,18 @@ class EclipseTransformerDecoder(MultiScaleMaskedTransformerDecoder):
         w, b = self.class_embed.weight, self.class_embed.bias
         out, start = [], 0
         for s, n in enumerate(self.step_classes):
-            h = decoder_output if self.class_hidden is None else self.class_hidden[s](decoder_output)
+            h = (
+                decoder_output
+                if self.class_hidden is None
+                else self.class_hidden[s](decoder_output)
+            )
             out.append(F.linear(h, w[start : start + n], b[start : start + n]))
             start += n
-        h = decoder_output if self.no_object_hidden is None else self.no_object_hidden(decoder_output)
+        h = (
+            decoder_output
+            if self.no_object_hidden is None
+            else self.no_object_hidden(decoder_output)
+        )
         out.append(F.linear(h, w[-1:], b[-1:]))
         return torch.cat(out, dim=-1)
 
@@ -511,7 +523,9 @@ class ECLIPSE(ContinualMethod):
     def _decoder(self, student: nn.Module) -> EclipseTransformerDecoder:
         decoder = student.sem_seg_head.predictor
         if not isinstance(decoder, EclipseTransformerDecoder):
-            raise TypeError(f"CONT.METHOD eclipse needs {DECODER_NAME}, got {type(decoder).__name__}")
+            raise TypeError(
+                f"CONT.METHOD eclipse needs {DECODER_NAME}, got {type(decoder).__name__}"
+            )
         return decoder
 
     def _own_prefixes(self, student: nn.Module) -> List[str]:

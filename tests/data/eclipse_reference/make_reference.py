@@ -4,6 +4,7 @@ Run from a checkout of clovaai/ECLIPSE (see README.md here), not from this repos
 
     python make_reference.py OUT_DIR
 """
+
 import sys
 
 import torch
