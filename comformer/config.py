@@ -328,13 +328,15 @@ def add_comformer_config(cfg: CN) -> None:
     # Deltas of the manipulation, one per query group (base first), the last repeated; []: by
     # setting (base group, increments).
     cfg.CONT.ECLIPSE.LOGIT_DELTAS = []
-    # Sigmoid focal classification loss (every step): factor alpha and exponent gamma.
+    # Sigmoid focal classification loss of every step: its factor alpha ...
     cfg.CONT.ECLIPSE.FOCAL_ALPHA = 5.0
+    # ... and its exponent gamma.
     cfg.CONT.ECLIPSE.FOCAL_GAMMA = 1.0
     # MODEL.MASK_FORMER.CLASS_WEIGHT of increments; < 0: by setting.
     cfg.CONT.ECLIPSE.INC_CLASS_WEIGHT = -1.0
-    # Iterations and learning rate of an increment; < 0: by setting, else CONT.INC_*'s.
+    # Iterations of an increment; < 0: by setting, else the engine's (CONT.INC_ITERS_PER_CLASS...).
     cfg.CONT.ECLIPSE.INC_MAX_ITER = -1
+    # Learning rate of an increment; < 0: by setting, else CONT.INC_BASE_LR's.
     cfg.CONT.ECLIPSE.INC_BASE_LR = -1.0
 
     # ---------------------------------------------------------------- data loading
