@@ -2,10 +2,12 @@
 """Continual methods compared on a synthetic panoptic benchmark (CPU by default).
 
 Every run goes through tools/train_net.py with the scenario's config (``<task>-comformer.yaml`` for
-CoMFormer: softmax masks and the focal loss at every step, its base included), so the numbers are
-the ones a user gets. Each method starts from a base trained with its own step-0 losses: per seed
-and scenario, the methods with equal base signatures (comformer/engine/bases.py; ft, mib and plop
-share Mask2Former's base, CoMFormer trains its own) share one base run, trained by the first of
+CoMFormer: softmax masks and the focal loss at every step, its base included;
+``<task>-eclipse.yaml`` for ECLIPSE: its prompted decoder and sigmoid classifier), so the numbers
+are the ones a user gets.
+Each method starts from a base trained with its own step-0 losses: per seed and scenario, the
+methods with equal base signatures (comformer/engine/bases.py; ft, mib and plop share Mask2Former's
+base, CoMFormer and ECLIPSE train their own) share one base run, trained by the first of
 them in alphabetical order, whatever the order of --methods. ``joint`` trains every step offline
 (the upper bound). Prints old / new / all PQ and mIoU after the last step (mean ± sd over seeds) and
 writes the JSON (default bench/results/continual_<dataset>.json).
@@ -37,16 +39,18 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 DATASETS = {
-    # name: config template ({task}, {suffix} "" or "-comformer")
+    # name: config template ({task}, {suffix} "", "-comformer" or "-eclipse")
     "shapes": "configs/synthetic_shapes/panoptic-segmentation/continual/{task}{suffix}.yaml",
     "synthetic": "configs/synthetic/panoptic-segmentation/continual/{task}{suffix}.yaml",
 }
-METHODS = ("ft", "joint", "mib", "plop", "comformer")
+METHODS = ("ft", "joint", "mib", "plop", "comformer", "eclipse")
+# Methods whose every step needs a config of its own (model architecture or activations).
+OWN_CONFIG = ("comformer", "eclipse")
 KEYS = ("PQ_old", "PQ_new", "PQ_all", "mIoU_old", "mIoU_new", "mIoU_all")
 
 
 def method_config(dataset: str, task: str, method: str) -> Path:
-    suffix = "-comformer" if method == "comformer" else ""
+    suffix = f"-{method}" if method in OWN_CONFIG else ""
     return REPO / DATASETS[dataset].format(task=task, suffix=suffix)
 
 

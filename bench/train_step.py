@@ -85,7 +85,7 @@ def _config(args, method: str):
 
     from comformer.config import add_comformer_config
 
-    suffix = "-comformer" if method == "comformer" else ""
+    suffix = f"-{method}" if method in ("comformer", "eclipse") else ""
     path = REPO / CONFIGS[args.device].format(task=args.task, suffix=suffix)
     cfg = get_cfg()
     add_deeplab_config(cfg)
@@ -260,8 +260,12 @@ class MethodStep:
         model = self.model = build_continual_model(cfg, scenario, step, cont, previous)
         student = model.student
         num_old = scenario.num_seen(step - 1)
-        student.load_state_dict(grow_classifier_state_dict(previous, student.state_dict(), num_old))
+        added = cont.added_state_keys(student)
+        student.load_state_dict(
+            grow_classifier_state_dict(previous, student.state_dict(), num_old, added_keys=added)
+        )
         cont.init_new_classes(class_embed(student))
+        cont.init_new_step(student)
         model.train()
         optimizer = build_optimizer(cfg, student)
 
@@ -287,8 +291,10 @@ class MethodStep:
 
         trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
         trainer = self.trainer = trainer_cls(model, _TimedLoader(loader), optimizer)
-        if cfg.CONT.FREEZE_OLD_CLASSIFIER:
-            trainer.register_hooks([FreezeOldClassesHook(student, num_old)])
+        if cfg.CONT.FREEZE_OLD_CLASSIFIER or cont.keeps_old_classifier:
+            hook = FreezeOldClassesHook(student, num_old, no_object=cont.keeps_no_object_row)
+            trainer.register_hooks([hook])
+            hook.before_train()  # the timed steps run before_step / after_step only
         _time_sections(trainer, model)
         trainer.storage = EventStorage(0)
         self.iter = 0

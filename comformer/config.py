@@ -101,6 +101,9 @@ def add_comformer_config(cfg: CN) -> None:
     # comformer extension: mask normalisation, "sigmoid" (Mask2Former: each mask independent) or
     # "softmax" (CoMFormer: a softmax across queries per pixel) in matching, losses and inference.
     cfg.MODEL.MASK_FORMER.MASK_ACTIVATION = "sigmoid"
+    # Class scores at inference: "softmax" over the K+1 logits (Mask2Former) or "sigmoid" per
+    # logit, no-object included (ECLIPSE's classifier, trained with a sigmoid focal loss).
+    cfg.MODEL.MASK_FORMER.CLASS_ACTIVATION = "softmax"
     # Per-pixel head instead of mask classification (semantic segmentation only): a 1x1 classifier
     # on the pixel decoder's mask features, per-pixel cross-entropy (modeling/per_pixel.py).
     cfg.MODEL.MASK_FORMER.PER_PIXEL = False
@@ -302,6 +305,39 @@ def add_comformer_config(cfg: CN) -> None:
     # Initialise the new classes as MiB does (PLOP's init_balanced); None: the variant's (plop:
     # True).
     cfg.CONT.PLOP.INIT = None
+
+    # ECLIPSE (CONT.METHOD eclipse): the model trained before is frozen; each increment learns
+    # prompt queries with their own heads (continual/eclipse.py). Needs
+    # MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME "EclipseTransformerDecoder" and CLASS_ACTIVATION
+    # "sigmoid" for every step, base included (the *-eclipse.yaml configs).
+    cfg.CONT.ECLIPSE = CN()
+    # Prompt queries per increment; < 0: by setting (SETTING_DEFAULTS in continual/defaults.py).
+    cfg.CONT.ECLIPSE.NUM_PROMPTS = -1
+    # Deep prompts: a positional embedding per decoder layer (False: one for all layers, shallow).
+    cfg.CONT.ECLIPSE.DEEP_PROMPTS = True
+    # Each increment's prompts get their own mask-embedding MLP (False: the base's, frozen).
+    cfg.CONT.ECLIPSE.PROMPT_MASK_MLP = True
+    # Each step's classifier (and no-object's) is a 3-layer MLP (False: a linear layer).
+    cfg.CONT.ECLIPSE.DEEP_CLS = True
+    # Train the shared no-object classifier in increments, as clovaai/ECLIPSE's code does (False:
+    # frozen with the rest of the model, as the paper describes).
+    cfg.CONT.ECLIPSE.TRAIN_NO_OBJECT = False
+    # Logit manipulation of each query group's no-object logit at inference (False: the ablation;
+    # other steps' class logits are still switched off).
+    cfg.CONT.ECLIPSE.LOGIT_MANIPULATION = True
+    # Deltas of the manipulation, one per query group (base first), the last repeated; []: by
+    # setting (base group, increments).
+    cfg.CONT.ECLIPSE.LOGIT_DELTAS = []
+    # Sigmoid focal classification loss of every step: its factor alpha ...
+    cfg.CONT.ECLIPSE.FOCAL_ALPHA = 5.0
+    # ... and its exponent gamma.
+    cfg.CONT.ECLIPSE.FOCAL_GAMMA = 1.0
+    # MODEL.MASK_FORMER.CLASS_WEIGHT of increments; < 0: by setting.
+    cfg.CONT.ECLIPSE.INC_CLASS_WEIGHT = -1.0
+    # Iterations of an increment; < 0: by setting, else the engine's (CONT.INC_ITERS_PER_CLASS...).
+    cfg.CONT.ECLIPSE.INC_MAX_ITER = -1
+    # Learning rate of an increment; < 0: by setting, else CONT.INC_BASE_LR's.
+    cfg.CONT.ECLIPSE.INC_BASE_LR = -1.0
 
     # ---------------------------------------------------------------- data loading
     # Training batches each loader worker keeps ready (with DATALOADER.NUM_WORKERS > 0). torch's

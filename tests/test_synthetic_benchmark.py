@@ -299,3 +299,6 @@ def test_configs_load_and_build_their_scenario(config):
         assert ("disjoint" in config) == (scenario.mode == "disjoint")
         assert ("comformer" in config) == (cfg.CONT.METHOD == "comformer")
         assert (cfg.MODEL.MASK_FORMER.MASK_ACTIVATION == "softmax") == ("comformer" in config)
+        assert ("eclipse" in config) == (cfg.CONT.METHOD == "eclipse")
+        decoder = cfg.MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME
+        assert (decoder == "EclipseTransformerDecoder") == ("eclipse" in config)

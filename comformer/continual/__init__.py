@@ -1,7 +1,7 @@
 """The continual layer: methods (a registry: CONT.METHOD), the teacher, the growing classifier and
 the continual model that composes a Mask2Former student with them. Importing it registers the
 methods."""
-from . import baselines, comformer, mib, plop  # noqa: F401  (register the methods)
+from . import baselines, comformer, eclipse, mib, plop  # noqa: F401  (register the methods)
 from .classifier import class_embed, grow_classifier_state_dict
 from .method import (
     METHOD_REGISTRY,

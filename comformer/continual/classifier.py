@@ -6,7 +6,7 @@ Class logits are laid out [old classes, new classes, extra], where extra is the 
 class, which is then one of the classes). Growing inserts the new rows after the old classes,
 before the extra row; every other parameter is copied unchanged.
 """
-from typing import Dict, Optional, Union
+from typing import Dict, Iterable, Optional, Union
 
 import torch
 from torch import nn
@@ -50,6 +50,7 @@ def grow_classifier_state_dict(
     new_model_state: Dict[str, torch.Tensor],
     num_old: int,
     extra_rows: Optional[int] = None,
+    added_keys: Iterable[str] = (),
 ) -> Dict[str, torch.Tensor]:
     """
     Combine the previous step's weights with a freshly built larger model.
@@ -63,12 +64,15 @@ def grow_classifier_state_dict(
         num_old: classes of the previous step.
         extra_rows: e, when known (``comformer.modeling.classifier_extra_rows(cfg)``); None:
             read from the old classifier's shape (0 or 1).
+        added_keys: entries the new model adds (a method's new parameters, see
+            ``ContinualMethod.added_state_keys``): taken from the new model, absent from the old.
 
     Returns:
         a state dict for the new model: old weights bit for bit, new class rows from the new model.
     """
     out = {}
-    missing = sorted(set(new_model_state) - set(old_state))
+    added = set(added_keys)
+    missing = sorted(set(new_model_state) - set(old_state) - added)
     unexpected = sorted(set(old_state) - set(new_model_state))
     if missing or unexpected:
         raise KeyError(
@@ -76,6 +80,9 @@ def grow_classifier_state_dict(
             f"missing {missing[:5]}, unexpected {unexpected[:5]} (a different architecture?)"
         )
     for name, new in new_model_state.items():
+        if name in added and name not in old_state:
+            out[name] = new
+            continue
         old = old_state[name]
         if name == "criterion.empty_weight":
             out[name] = new.clone()

@@ -13,7 +13,15 @@ A method decides, for one step of a scenario:
   over the step's training images with the teacher, e.g. PLOP's entropy thresholds);
 * the training losses of a batch (:meth:`ContinualMethod.losses`), from a :class:`StepBatch`: the
   batch's images and targets, the student's and the teacher's predictions, and the student's
-  matched set losses. This is all a method reads: it never touches the model's modules.
+  matched set losses. This is all a method reads of a batch.
+
+A method that changes what the step trains rather than how (ECLIPSE: the model trained before is
+frozen, the step adds parameters of its own) also uses the hooks below, each a no-op by default:
+:meth:`~ContinualMethod.step_config_overrides` (config values of its increments),
+:meth:`~ContinualMethod.prepare_student` (freezing, once the student is built),
+:meth:`~ContinualMethod.added_state_keys` and :meth:`~ContinualMethod.init_new_step` (parameters
+the step adds to the previous step's, and their initialisation), and
+:attr:`~ContinualMethod.keeps_old_classifier` / :attr:`~ContinualMethod.keeps_no_object_row`.
 
 Shapes follow ``comformer.modeling``: B images, Q queries, K classes (logits have K+1 entries,
 no-object last), h w the mask-prediction size. A per-pixel student (``MODEL.MASK_FORMER.PER_PIXEL``,
@@ -138,6 +146,11 @@ class ContinualMethod:
     reasons_about_old_classes: bool = False
     # Whether :meth:`before_step` must run (a pass over the step's training data before training).
     needs_step_data: bool = False
+    # Whether the old classes' classifier rows stay exactly as loaded in increments (restored after
+    # every optimizer step, as CONT.FREEZE_OLD_CLASSIFIER does), and whether the no-object row does
+    # too.
+    keeps_old_classifier: bool = False
+    keeps_no_object_row: bool = False
 
     def __init__(self, cfg, scenario, step: int):
         """
@@ -208,6 +221,27 @@ class ContinualMethod:
     def losses(self, batch: StepBatch) -> Dict[str, Tensor]:
         """Weighted training losses of one batch (summed by the trainer)."""
         return batch.set_losses(batch.student.outputs, batch.targets)
+
+    def step_config_overrides(self) -> Dict[str, Any]:
+        """Config values of an increment (step > 0, not offline) that the method sets, e.g.
+        ``{"SOLVER.MAX_ITER": 16000}``; applied by the step configuration after its own. Default:
+        none."""
+        return {}
+
+    def prepare_student(self, student: nn.Module) -> None:
+        """Called once when the step's student is built, before its weights are loaded and the
+        optimizer is built (e.g. to set ``requires_grad``). Default: nothing."""
+
+    def added_state_keys(self, student: nn.Module) -> List[str]:
+        """State-dict keys of the student that the previous step's model does not have (parameters
+        this step adds); they keep the student's initialisation until :meth:`init_new_step`.
+        Default: none."""
+        return []
+
+    def init_new_step(self, student: nn.Module) -> None:
+        """Initialise what the step adds, in place, after the previous step's weights were loaded
+        and :meth:`init_new_classes` ran (not when a step resumes from its own checkpoint).
+        Default: nothing."""
 
     def base_key(self) -> str:
         """

@@ -194,6 +194,8 @@ def build_continual_model(
             "step's config with comformer.engine.step_config"
         )
     student = build_model(cfg)
+    if method is not None:
+        method.prepare_student(student)
     class_loss = method.class_loss() if method is not None else None
     if class_loss is not None:
         student.criterion = build_criterion(cfg, class_loss=class_loss).to(student.device)

@@ -23,10 +23,14 @@ def _trains_offline(cfg, scenario: Scenario, step: int) -> bool:
 
 def step_iterations(cfg, scenario: Scenario, step: int) -> int:
     """Iterations of ``step``: SOLVER.MAX_ITER for the base step (and every step of an offline
-    method such as ``joint``); for increments CONT.INC_ITERS_PER_CLASS x new classes, else
+    method such as ``joint``); for increments the method's own (``step_config_overrides``, e.g.
+    ECLIPSE's per-setting iterations), else CONT.INC_ITERS_PER_CLASS x new classes, else
     CONT.INC_MAX_ITER, else SOLVER.MAX_ITER."""
     if _trains_offline(cfg, scenario, step):
         return cfg.SOLVER.MAX_ITER
+    method_iters = build_method(cfg, scenario, step).step_config_overrides().get("SOLVER.MAX_ITER")
+    if method_iters is not None:
+        return int(method_iters)
     if cfg.CONT.INC_ITERS_PER_CLASS > 0:
         return cfg.CONT.INC_ITERS_PER_CLASS * len(scenario.steps[step])
     if cfg.CONT.INC_MAX_ITER > 0:
@@ -55,6 +59,10 @@ def step_config(cfg, scenario: Scenario, step: int):
         if cfg.CONT.INC_BASE_LR > 0:
             out.SOLVER.BASE_LR = cfg.CONT.INC_BASE_LR
         out.MODEL.WEIGHTS = ""  # the previous step's weights are loaded by the trainer
+        overrides = build_method(cfg, scenario, step).step_config_overrides()
+        if overrides:
+            out.merge_from_list([x for kv in overrides.items() for x in kv])
+            out.SOLVER.WARMUP_ITERS = min(out.SOLVER.WARMUP_ITERS, out.SOLVER.MAX_ITER // 10)
     # The runner evaluates once per step with the split evaluator.
     out.TEST.EVAL_PERIOD = 0
     out.freeze()

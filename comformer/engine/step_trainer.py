@@ -52,28 +52,34 @@ def check_checkpoint_classes(
 
 
 class FreezeOldClassesHook(HookBase):
-    """Keep the classifier rows of the old classes exactly as loaded: restores them after every
-    optimizer step (zeroing their gradients would not stop AdamW's weight decay). The rows are
-    read when training starts, after the previous step's weights (or a checkpoint) are loaded."""
+    """Keep the classifier rows of the old classes (and optionally the last, no-object row) exactly
+    as loaded: restores them after every optimizer step (zeroing their gradients would not stop
+    AdamW's weight decay). The rows are read when training starts, after the previous step's
+    weights (or a checkpoint) are loaded."""
 
-    def __init__(self, student: torch.nn.Module, num_old: int):
+    def __init__(self, student: torch.nn.Module, num_old: int, no_object: bool = False):
         """
         Args:
             student: the trained ``MaskFormer``.
             num_old: the old classes, the classifier's first rows.
+            no_object: keep the last row too.
         """
         self.num_old = num_old
         classifier = class_embed(student)
         self.params = [classifier.weight, classifier.bias]
+        rows = list(range(num_old))
+        if no_object:
+            rows.append(classifier.weight.shape[0] - 1)
+        self.rows = torch.as_tensor(rows, dtype=torch.long, device=classifier.weight.device)
         self.saved = None
 
     def before_train(self):
-        self.saved = [p.detach()[: self.num_old].clone() for p in self.params]
+        self.saved = [p.detach()[self.rows].clone() for p in self.params]
 
     def after_step(self):
         with torch.no_grad():
             for p, saved in zip(self.params, self.saved):
-                p[: self.num_old].copy_(saved)
+                p[self.rows] = saved
 
 
 class StepDataHook(HookBase):
@@ -213,11 +219,14 @@ class StepTrainer(Trainer):
     def build_hooks(self):
         # Evaluation happens once per step in the runner, with the split evaluator.
         result = [h for h in super().build_hooks() if not isinstance(h, hooks.EvalHook)]
-        if self.continues and self.cfg.CONT.FREEZE_OLD_CLASSIFIER:
+        keeps_old = self.cfg.CONT.FREEZE_OLD_CLASSIFIER or self.method.keeps_old_classifier
+        if self.continues and keeps_old:
             result.insert(
                 0,
                 FreezeOldClassesHook(
-                    _unwrap(self.model).student, self.scenario.num_seen(self.step - 1)
+                    _unwrap(self.model).student,
+                    self.scenario.num_seen(self.step - 1),
+                    no_object=self.method.keeps_no_object_row,
                 ),
             )
         if self.method.needs_step_data:
@@ -251,7 +260,9 @@ class StepTrainer(Trainer):
             student.state_dict(),
             self.scenario.num_seen(self.step - 1),
             classifier_extra_rows(self.cfg),
+            added_keys=self.method.added_state_keys(student),
         )
         student.load_state_dict(state)
         self.method.init_new_classes(class_embed(student))
+        self.method.init_new_step(student)
         self.start_iter = 0

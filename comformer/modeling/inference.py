@@ -16,7 +16,10 @@ from detectron2.structures import Boxes, Instances
 
 __all__ = [
     "MASK_ACTIVATIONS",
+    "CLASS_ACTIVATIONS",
+    "class_probabilities",
     "mask_probabilities",
+    "semantic_from_segments",
     "semantic_inference",
     "semantic_inference_with_background",
     "panoptic_inference",
@@ -25,6 +28,26 @@ __all__ = [
 ]
 
 MASK_ACTIVATIONS = ("sigmoid", "softmax")
+CLASS_ACTIVATIONS = ("softmax", "sigmoid")
+
+
+def class_probabilities(mask_cls: torch.Tensor, activation: str = "softmax") -> torch.Tensor:
+    """
+    Args:
+        mask_cls: (..., K+1) class logits, no-object last.
+        activation: "softmax" over the K+1 entries (Mask2Former) or "sigmoid" per entry (a
+            classifier trained with per-class binary losses, ECLIPSE's).
+    Returns:
+        (..., K+1) scores.
+    """
+    if activation == "softmax":
+        return F.softmax(mask_cls, dim=-1)
+    if activation == "sigmoid":
+        return mask_cls.sigmoid()
+    raise ValueError(
+        f"MODEL.MASK_FORMER.CLASS_ACTIVATION={activation!r} is not valid; valid values: "
+        f"{', '.join(CLASS_ACTIVATIONS)}"
+    )
 
 
 def mask_probabilities(
@@ -68,6 +91,7 @@ def panoptic_inference(
     object_mask_threshold: float,
     overlap_threshold: float,
     mask_activation: str = "sigmoid",
+    class_activation: str = "softmax",
 ) -> Tuple[torch.Tensor, List[Dict]]:
     """
     Panoptic segmentation of one image from its query predictions, with the output of
@@ -85,13 +109,14 @@ def panoptic_inference(
         overlap_threshold: a query keeps its segment only if the pixels it wins are at least this
             fraction of its own binarised mask (prob >= 0.5).
         mask_activation: "sigmoid" or "softmax" (across all Q queries, before any is dropped).
+        class_activation: class scores, see :func:`class_probabilities`.
     Returns:
         panoptic_seg: (H, W) int32, 0 = void, segment ids 1..S.
         segments_info: S dicts with ``id``, ``category_id`` (contiguous), ``isthing``.
     """
     device = mask_pred.device
     num_classes = mask_cls.shape[-1] - 1
-    scores, labels = F.softmax(mask_cls, dim=-1).max(-1)
+    scores, labels = class_probabilities(mask_cls, class_activation).max(-1)
     mask_prob = mask_probabilities(mask_pred, mask_activation)
     keep = labels.ne(num_classes) & (scores > object_mask_threshold)
     cur_scores, cur_classes, cur_masks = scores[keep], labels[keep], mask_prob[keep]
@@ -225,6 +250,7 @@ def instance_inference(
     thing_ids: set,
     panoptic_on: bool,
     mask_activation: str = "sigmoid",
+    class_activation: str = "softmax",
 ) -> Instances:
     """
     Args:
@@ -234,11 +260,12 @@ def instance_inference(
         topk: number of (query, class) pairs kept.
         thing_ids: contiguous ids of thing classes.
         panoptic_on: if True only thing classes are kept (stuff belongs to the panoptic output).
+        class_activation: class scores, see :func:`class_probabilities`.
     Returns:
         Instances with pred_masks (N, H, W) float, pred_boxes (zeros: masks only), scores, pred_classes.
     """
     num_queries, num_classes = mask_cls.shape[0], mask_cls.shape[1] - 1
-    scores = F.softmax(mask_cls, dim=-1)[:, :-1]
+    scores = class_probabilities(mask_cls, class_activation)[:, :-1]
     labels = torch.arange(num_classes, device=mask_cls.device).repeat(num_queries)
     scores_per_image, topk_indices = scores.flatten().topk(min(topk, scores.numel()), sorted=False)
     labels_per_image = labels[topk_indices]
@@ -281,6 +308,7 @@ def semantic_inference_with_background(
     object_mask_threshold: float,
     overlap_threshold: float,
     mask_activation: str = "sigmoid",
+    class_activation: str = "softmax",
 ) -> torch.Tensor:
     """
     Semantic segmentation for a dataset with a background class that the model does not predict
@@ -293,7 +321,8 @@ def semantic_inference_with_background(
             (the model has no such class: its logit is -inf).
         mask_pred: (Q, H, W) mask logits.
         background_class: the class of pixels no segment covers, in [0, K).
-        object_mask_threshold, overlap_threshold, mask_activation: as :func:`panoptic_inference`.
+        object_mask_threshold, overlap_threshold, mask_activation, class_activation: as
+            :func:`panoptic_inference`.
 
     Returns:
         (K, H, W) one-hot scores.
@@ -301,6 +330,45 @@ def semantic_inference_with_background(
     num_classes = mask_cls.shape[-1] - 1
     if not 0 <= background_class < num_classes:
         raise ValueError(f"background_class={background_class} is not in [0, {num_classes})")
+    return semantic_from_segments(
+        mask_cls,
+        mask_pred,
+        uncovered_class=background_class,
+        object_mask_threshold=object_mask_threshold,
+        overlap_threshold=overlap_threshold,
+        mask_activation=mask_activation,
+        class_activation=class_activation,
+    )
+
+
+def semantic_from_segments(
+    mask_cls: torch.Tensor,
+    mask_pred: torch.Tensor,
+    *,
+    uncovered_class: int = -1,
+    object_mask_threshold: float,
+    overlap_threshold: float,
+    mask_activation: str = "sigmoid",
+    class_activation: str = "softmax",
+) -> torch.Tensor:
+    """
+    Semantic segmentation from the segments of :func:`panoptic_inference` (same thresholds): each
+    pixel of a segment gets the segment's class. With sigmoid class scores this is how
+    clovaai/ECLIPSE infers semantic segmentation (``MaskFormer.semantic_inference`` without
+    ``MASK_BG``): the no-object score must lose for a query to count, which is what its logit
+    manipulation acts on.
+
+    Args:
+        mask_cls: (Q, K+1) class logits.
+        mask_pred: (Q, H, W) mask logits.
+        uncovered_class: the class of pixels no segment covers; -1: none (their scores are all 0).
+        object_mask_threshold, overlap_threshold, mask_activation, class_activation: as
+            :func:`panoptic_inference`.
+
+    Returns:
+        (K, H, W) one-hot scores (all 0 on uncovered pixels when ``uncovered_class`` is -1).
+    """
+    num_classes = mask_cls.shape[-1] - 1
     segments, infos = panoptic_inference(
         mask_cls,
         mask_pred,
@@ -308,10 +376,13 @@ def semantic_inference_with_background(
         object_mask_threshold=object_mask_threshold,
         overlap_threshold=overlap_threshold,
         mask_activation=mask_activation,
+        class_activation=class_activation,
     )
-    # class of each segment id (0 = no segment: background)
-    lut = torch.full((len(infos) + 1,), background_class, dtype=torch.int64, device=mask_pred.device)
+    # class of each segment id (0 = no segment); num_classes stands for "none" and is dropped
+    fill = uncovered_class if uncovered_class >= 0 else num_classes
+    lut = torch.full((len(infos) + 1,), fill, dtype=torch.int64, device=mask_pred.device)
     for info in infos:
         lut[info["id"]] = info["category_id"]
     labels = lut[segments.long()]
-    return F.one_hot(labels, num_classes).permute(2, 0, 1).to(mask_pred.dtype)
+    one_hot = F.one_hot(labels, num_classes + 1)[..., :num_classes]
+    return one_hot.permute(2, 0, 1).to(mask_pred.dtype)

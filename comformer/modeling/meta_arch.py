@@ -22,9 +22,11 @@ from detectron2.structures import ImageList
 
 from .criterion import ClassLoss, SetCriterion
 from .inference import (
+    CLASS_ACTIVATIONS,
     MASK_ACTIVATIONS,
     instance_inference,
     panoptic_inference,
+    semantic_from_segments,
     semantic_inference,
     semantic_inference_with_background,
 )
@@ -100,6 +102,7 @@ class MaskFormer(nn.Module):
         instance_on: bool,
         test_topk_per_image: int,
         mask_activation: str = "sigmoid",
+        class_activation: str = "softmax",
         semantic_background_class: int = -1,
         per_pixel: bool = False,
         ignore_value: int = 255,
@@ -120,6 +123,10 @@ class MaskFormer(nn.Module):
             semantic_on, panoptic_on, instance_on: which outputs inference produces.
             test_topk_per_image: instances kept per image.
             mask_activation: "sigmoid" or "softmax" (across queries) at inference.
+            class_activation: class scores at inference: "softmax" (Mask2Former) or "sigmoid" per
+                logit (ECLIPSE); with "sigmoid", semantic inference gives each pixel the class of
+                the panoptic-style segment covering it (``semantic_from_segments``), as ECLIPSE's
+                code does, since summing sigmoid scores would ignore the no-object logit.
             semantic_background_class: -1: Mask2Former's semantic inference (class times mask
                 probabilities summed over queries); c >= 0: the dataset has a background class c
                 that the model does not predict (it is no-object): pixels take the class of the
@@ -134,6 +141,11 @@ class MaskFormer(nn.Module):
         if mask_activation not in MASK_ACTIVATIONS:
             raise ValueError(
                 f"MODEL.MASK_FORMER.MASK_ACTIVATION={mask_activation!r}; valid: {MASK_ACTIVATIONS}"
+            )
+        if class_activation not in CLASS_ACTIVATIONS:
+            raise ValueError(
+                f"MODEL.MASK_FORMER.CLASS_ACTIVATION={class_activation!r}; valid: "
+                f"{CLASS_ACTIVATIONS}"
             )
         self.backbone = backbone
         self.sem_seg_head = sem_seg_head
@@ -154,8 +166,9 @@ class MaskFormer(nn.Module):
         self.panoptic_on = panoptic_on
         self.test_topk_per_image = test_topk_per_image
         self.mask_activation = mask_activation
+        self.class_activation = class_activation
         self.semantic_background_class = semantic_background_class
-        if semantic_background_class >= 0:
+        if semantic_background_class >= 0 or class_activation == "sigmoid":
             # segments need full-resolution masks
             self.sem_seg_postprocess_before_inference = True
         self.per_pixel = bool(per_pixel)
@@ -200,6 +213,7 @@ class MaskFormer(nn.Module):
             "panoptic_on": mf.TEST.PANOPTIC_ON,
             "test_topk_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
             "mask_activation": mf.MASK_ACTIVATION,
+            "class_activation": mf.CLASS_ACTIVATION,
             "semantic_background_class": mf.TEST.SEMANTIC_BACKGROUND_CLASS,
             "per_pixel": mf.PER_PIXEL,
             "ignore_value": cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
@@ -327,8 +341,18 @@ class MaskFormer(nn.Module):
                     object_mask_threshold=self.object_mask_threshold,
                     overlap_threshold=self.overlap_threshold,
                     mask_activation=self.mask_activation,
+                    class_activation=self.class_activation,
                 )
                 result["sem_seg"] = sem_seg
+            elif self.semantic_on and self.class_activation == "sigmoid":
+                result["sem_seg"] = semantic_from_segments(
+                    mask_cls,
+                    mask_pred,
+                    object_mask_threshold=self.object_mask_threshold,
+                    overlap_threshold=self.overlap_threshold,
+                    mask_activation=self.mask_activation,
+                    class_activation=self.class_activation,
+                )
             elif self.semantic_on:
                 sem_seg = semantic_inference(mask_cls, mask_pred, self.mask_activation)
                 if not self.sem_seg_postprocess_before_inference:
@@ -342,6 +366,7 @@ class MaskFormer(nn.Module):
                     object_mask_threshold=self.object_mask_threshold,
                     overlap_threshold=self.overlap_threshold,
                     mask_activation=self.mask_activation,
+                    class_activation=self.class_activation,
                 )
             if self.instance_on:
                 result["instances"] = instance_inference(
@@ -352,6 +377,7 @@ class MaskFormer(nn.Module):
                     thing_ids=self.thing_ids,
                     panoptic_on=self.panoptic_on,
                     mask_activation=self.mask_activation,
+                    class_activation=self.class_activation,
                 )
             processed.append(result)
         return processed
