@@ -133,6 +133,8 @@ def test_settings_by_setting_and_config_errors():
         build_method(bad, scenario, 0)
     with pytest.raises(ValueError, match="NUM_PROMPTS=0"):
         build_method(_cfg(*ECLIPSE, "CONT.ECLIPSE.NUM_PROMPTS", 0), scenario, 0)
+    with pytest.raises(ValueError, match="CONT.ECLIPSE.INIT='mean'"):
+        build_method(_cfg(*ECLIPSE, "CONT.ECLIPSE.INIT", "mean"), scenario, 0)
     with pytest.raises(ValueError, match="CLASS_ACTIVATION='tanh'"):
         build_model(step_config(_cfg("MODEL.MASK_FORMER.CLASS_ACTIVATION", "tanh"), scenario, 0))
 
@@ -184,10 +186,6 @@ def test_step_trains_only_its_own_parameters_bit_for_bit():
                   *[f"prompt_mask_embed.0.layers.{i}.{w}" for i in range(3) for w in ("weight", "bias")],
                   *[f"class_hidden.1.{i}.{w}" for i in (0, 2) for w in ("weight", "bias")]]
     }  # fmt: skip
-    # the prompts start as the mean base query, the new classes as no-object
-    p = student.sem_seg_head.predictor
-    torch.testing.assert_close(p.prompt_feat[0].weight[2], p.query_feat.weight.mean(0))
-    assert torch.equal(class_embed(student).weight[15], class_embed(student).weight[-1])
 
     start = {k: v.clone() for k, v in student.state_dict().items()}
     hook = FreezeOldClassesHook(student, 10, no_object=True)
@@ -213,6 +211,57 @@ def test_step_trains_only_its_own_parameters_bit_for_bit():
     # ... and the step's own parameters did train
     added = [k for k in after if k not in previous]
     assert added and all(not torch.equal(after[k], start[k]) for k in added), added
+
+
+def _start_of_step(*opts):
+    """The step-1 student as the step starts, and its prompts' first predictions (train mode:
+    the prompts alone) on a batch."""
+    _, _, model1, _ = _two_steps(*opts)
+    student = model1.student
+    student.train()
+    with torch.no_grad():
+        _, out = student.predict(student.preprocess_images(_batch()))
+    return student, out
+
+
+def _pairwise_distinct(x):
+    """Whether no two rows of x (N, ...) are equal."""
+    x = x.flatten(1)
+    return bool((torch.cdist(x, x) + torch.eye(len(x)) > 1e-6).all())
+
+
+def test_step_prompts_and_new_classes_start_distinct():
+    # Identical prompts predict the same mask and class in every image and identical class rows
+    # the same logit for every new class: the synthetic_shapes 10-10 step then learned no new
+    # class in 200 iterations (new PQ 2.1; 3.8 with distinct prompts; 8.1 with both distinct).
+    student, out = _start_of_step()
+    p = student.sem_seg_head.predictor
+    q = p.query_feat.weight.shape[0]  # 6 base queries, 4 prompts: base queries 0, 1, 3, 4
+    rows = [i * q // 4 for i in range(4)]
+    assert torch.equal(p.prompt_feat[0].weight, p.query_feat.weight[rows])
+    for embed in p.prompt_embed[0]:  # one per decoder layer
+        assert torch.equal(embed.weight, p.query_embed.weight[rows])
+    weight = class_embed(student).weight
+    assert _pairwise_distinct(weight[10:20])
+    # near no-object's row: its random initialisation added (nn.Linear's, |w| <= 1/sqrt(C))
+    assert (weight[10:20] - weight[-1]).abs().max() <= weight.shape[1] ** -0.5
+    for b in range(out["pred_masks"].shape[0]):
+        assert _pairwise_distinct(out["pred_masks"][b])
+        assert _pairwise_distinct(out["pred_logits"][b, :, 10:20])
+        assert _pairwise_distinct(out["pred_logits"][b, :, 10:20].transpose(0, 1))
+
+
+def test_eclipse_code_init_starts_identical_prompts_and_classes():
+    student, out = _start_of_step("CONT.ECLIPSE.INIT", "eclipse-code")
+    p = student.sem_seg_head.predictor
+    mean = p.query_feat.weight.mean(0).expand(4, -1)
+    torch.testing.assert_close(p.prompt_feat[0].weight, mean)
+    weight = class_embed(student).weight
+    assert torch.equal(weight[10:20], weight[-1:].expand(10, -1))
+    masks, logits = out["pred_masks"], out["pred_logits"]
+    torch.testing.assert_close(masks, masks[:, :1].expand_as(masks))  # one mask for all prompts
+    new = logits[..., 10:20]
+    torch.testing.assert_close(new, new[..., :1].expand_as(new))  # one score for all classes
 
 
 def test_old_query_groups_predict_what_the_previous_step_did():

@@ -59,6 +59,10 @@ DECODER_NAME = "EclipseTransformerDecoder"
 OFF_LOGIT = -10.0
 # clovaai/ECLIPSE's sigmoid_to_logit clamps probabilities to this range.
 PROB_CLAMP = (0.001, 0.999)
+# How a step's prompts and class rows start (CONT.ECLIPSE.INIT): "distinct" prompts and rows, or
+# the identical copies of clovaai/ECLIPSE's code (EclipseTransformerDecoder.init_group,
+# ECLIPSE.init_new_classes).
+INITS = ("distinct", "eclipse-code")
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,7 @@ class EclipseSettings:
     train_no_object: bool
     logit_manipulation: bool
     deltas: Tuple[float, ...]  # one per query group
+    init: str  # how a step's prompts and classes start (INITS)
     inc_class_weight: float
     inc_max_iter: int  # < 0: the engine's
     inc_base_lr: float  # < 0: the engine's
@@ -126,6 +131,8 @@ def eclipse_settings(cfg, num_classes: Optional[int] = None) -> EclipseSettings:
         raise ValueError(
             f"CONT.ECLIPSE.LOGIT_DELTAS={list(e.LOGIT_DELTAS)}: values must be in [-1, 1]"
         )
+    if e.INIT not in INITS:
+        raise ValueError(f"CONT.ECLIPSE.INIT={e.INIT!r}; valid: {list(INITS)}")
     # One per group; a shorter list repeats its last value (as the code does).
     deltas = (deltas + [deltas[-1]] * steps)[:steps]
     return EclipseSettings(
@@ -137,6 +144,7 @@ def eclipse_settings(cfg, num_classes: Optional[int] = None) -> EclipseSettings:
         train_no_object=bool(e.TRAIN_NO_OBJECT),
         logit_manipulation=bool(e.LOGIT_MANIPULATION),
         deltas=tuple(deltas),
+        init=str(e.INIT),
         inc_class_weight=setting_default(
             "CONT.ECLIPSE.INC_CLASS_WEIGHT", e.INC_CLASS_WEIGHT, dataset, task
         ),
@@ -312,17 +320,38 @@ class EclipseTransformerDecoder(MultiScaleMaskedTransformerDecoder):
         return prefixes
 
     @torch.no_grad()
-    def init_group(self, group: int) -> None:
-        """clovaai/ECLIPSE's start of a step's parameters (``maskformer_model.py``
-        ``copy_*_weights``): every prompt is the mean of the base queries' features and positional
-        embeddings, the mask MLP a copy of the base's, the hidden classifier layers a copy of
-        no-object's."""
-        feat = self.query_feat.weight.mean(0, keepdim=True)
-        pos = self.query_embed.weight.mean(0, keepdim=True)
-        self.prompt_feat[group - 1].weight.copy_(feat.expand_as(self.prompt_feat[group - 1].weight))
+    def init_group(self, group: int, init: str = "distinct") -> None:
+        """
+        Start a step's parameters: its mask MLP as a copy of the base's, its hidden classifier
+        layers as a copy of no-object's (clovaai/ECLIPSE ``maskformer_model.py``
+        ``copy_*_weights``), and its prompts by ``init``:
+
+        * ``"distinct"``: prompt i starts as base query ``i * Q // P`` (its features, and its
+          positional embedding at every layer): P different queries that already find objects
+          (P > Q repeats base queries);
+        * ``"eclipse-code"``: every prompt is the mean of the base queries
+          (``copy_prompt_embed_weights``). The P prompts are then identical: in every image they
+          predict the same mask and class, the matching pairs them with the targets arbitrarily,
+          and they part only slowly (synthetic_shapes 10-10, 200 iterations at 2.5e-4: 0.16
+          apart at norm 2.5, all predicting one class; the code's schedules run 16000).
+
+        Args:
+            group: the step's query group (> 0).
+            init: one of ``INITS``.
+        """
+        if init not in INITS:
+            raise ValueError(f"prompt init {init!r}; valid: {list(INITS)}")
+        feat, pos = self.query_feat.weight, self.query_embed.weight
+        if init == "distinct":
+            rows = torch.arange(self.num_prompts, device=feat.device) * feat.shape[0]
+            feat, pos = feat[rows // self.num_prompts], pos[rows // self.num_prompts]
+        else:
+            feat = feat.mean(0, keepdim=True).expand(self.num_prompts, -1)
+            pos = pos.mean(0, keepdim=True).expand(self.num_prompts, -1)
+        self.prompt_feat[group - 1].weight.copy_(feat)
         embeds = self.prompt_embed[group - 1]
         for e in embeds if self.deep_prompts else [embeds]:
-            e.weight.copy_(pos.expand_as(e.weight))
+            e.weight.copy_(pos)
         if self.prompt_mask_embed is not None:
             self.prompt_mask_embed[group - 1].load_state_dict(self.mask_embed.state_dict())
         if self.class_hidden is not None:
@@ -572,19 +601,29 @@ class ECLIPSE(ContinualMethod):
         return [k for k in student.state_dict() if k.startswith(prefixes)]
 
     def init_new_classes(self, class_embed: nn.Module) -> None:
-        # clovaai/ECLIPSE copy_no_obj_weights: the new classes start as no-object's classifier.
+        """
+        The new classes' rows start as no-object's (clovaai/ECLIPSE ``copy_no_obj_weights``), with
+        ``CONT.ECLIPSE.INIT distinct`` plus each row's own random initialisation (``nn.Linear``'s,
+        which the rows hold when this runs). The code's identical rows give every new class the
+        same logit on every query; AdamW moves a weight by about the learning rate per step at
+        most, so they part only over a long schedule (synthetic_shapes 10-10, distinct prompts,
+        200 iterations at 2.5e-4: rows 0.15 apart at norm 0.76, one class predicted for all).
+        """
         with torch.no_grad():
             rows = slice(self.num_old, self.num_old + self.num_new)
-            class_embed.weight[rows] = class_embed.weight[-1]
+            if self.settings.init == "distinct":
+                class_embed.weight[rows] += class_embed.weight[-1]
+            else:
+                class_embed.weight[rows] = class_embed.weight[-1]
             class_embed.bias[rows] = class_embed.bias[-1]
 
     def init_new_step(self, student: nn.Module) -> None:
-        self._decoder(student).init_group(self.step)
+        self._decoder(student).init_group(self.step, self.settings.init)
 
     def extra_repr(self) -> str:
         s = self.settings
         return (
             f"{super().extra_repr()}, prompts={s.num_prompts} (deep={s.deep_prompts}, mask_mlp="
             f"{s.prompt_mask_mlp}), deep_cls={s.deep_cls}, train_no_object={s.train_no_object}, "
-            f"logit_manipulation={s.logit_manipulation} (deltas {list(s.deltas)})"
+            f"logit_manipulation={s.logit_manipulation} (deltas {list(s.deltas)}), init={s.init}"
         )
