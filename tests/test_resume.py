@@ -275,3 +275,30 @@ def test_sigkilled_step_resumes_to_the_uninterrupted_result(tmp_path):
     rows_full = json.loads((full_out / "results.json").read_text())
     rows_resumed = json.loads((killed_out / "results.json").read_text())
     assert rows_full == rows_resumed and 0.0 <= rows_full[0]["PQ_all"] <= 100.0
+
+
+def test_a_step_starts_from_the_same_model_in_a_new_process(tmp_path):
+    """Step 1 run right after step 0 in one process, and in a new process that finds step 0
+    finished (a resumed scenario), starts from the same fresh weights and ends bit for bit equal:
+    its new class rows are drawn from (SEED, step), not from what the process drew before."""
+    driver = write_driver(tmp_path)
+    env = driver_env(tmp_path)
+    opts = ["SOLVER.MAX_ITER", 3, "CONT.INC_ITERS_PER_CLASS", 0, "CONT.INC_MAX_ITER", 2,
+            "CONT.METHOD", "ft", "CONT.TASK", "10-10"]  # fmt: skip
+    one, two = tmp_path / "one", tmp_path / "two"
+    runs = [
+        (one, ["CONT.STEP", -1], False),  # both steps in one process
+        (two, ["CONT.STEP", 0], False),  # step 0, then step 1 in another process
+        (two, ["CONT.STEP", -1], True),
+    ]
+    for i, (out, step_opts, resume) in enumerate(runs):
+        log = tmp_path / f"run{i}.log"
+        with open(log, "w") as f:
+            rc = subprocess.run(
+                tiny_command(driver, out, *opts, *step_opts, resume=resume),
+                cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=600,
+            ).returncode  # fmt: skip
+        assert rc == 0, _tail(log)
+    a, b = _state(one / "step1/model_final.pth"), _state(two / "step1/model_final.pth")
+    assert a.keys() == b.keys()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []

@@ -20,7 +20,7 @@ from ..continual import (
 from ..continual.classifier import CLASSIFIER_WEIGHT_KEYS
 from ..data.mappers import build_train_mapper
 from ..data.scenario import Scenario, register_step_dataset
-from ..data.stream import TrainingStream, build_train_loader
+from ..data.stream import TrainingStream, build_train_loader, derived_seed, seed_global_rngs
 from ..modeling import classifier_extra_rows
 from ..utils.io import load_checkpoint_state
 from .progress import ProgressHook, ScenarioProgress
@@ -29,6 +29,10 @@ from .trainer import Trainer, _unwrap, build_optimizer
 __all__ = ["StepTrainer", "FreezeOldClassesHook", "StepDataHook", "check_checkpoint_classes"]
 
 logger = logging.getLogger(__name__)
+
+# Third entry of the seed of a step's model initialisation, (SEED, step, _MODEL_INIT); the
+# per-iteration seeds are (SEED, rank, iteration) with far smaller iterations.
+_MODEL_INIT = 2**31 - 1
 
 
 def check_checkpoint_classes(
@@ -185,6 +189,12 @@ class StepTrainer(Trainer):
         super().__init__(cfg)
 
     def build_model(self, cfg):
+        if self.step > 0 and cfg.SEED >= 0:
+            # The step's fresh weights (new class rows, prompts, a joint step's whole model) come
+            # from (SEED, step), not from whatever the process drew before: a step run after the
+            # previous one in the same process, in a new process (a resumed scenario, an adopted
+            # base) or with other evaluation settings starts from the same model.
+            seed_global_rngs(derived_seed(cfg.SEED, self.step, _MODEL_INIT))
         model = build_continual_model(
             cfg, self.scenario, self.step, self.method, previous_state=self._previous_state
         )
