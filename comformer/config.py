@@ -319,10 +319,11 @@ def add_comformer_config(cfg: CN) -> None:
     cfg.CONT.ECLIPSE.PROMPT_MASK_MLP = True
     # Each step's classifier (and no-object's) is a 3-layer MLP (False: a linear layer).
     cfg.CONT.ECLIPSE.DEEP_CLS = True
-    # How a step's prompts and new class rows start: "distinct" (prompt i as base query i*Q/P;
-    # rows no-object's plus their random init) or "eclipse-code" (clovaai/ECLIPSE: identical
-    # prompts at the mean base query, identical copies of no-object's row; slow to part).
-    cfg.CONT.ECLIPSE.INIT = "distinct"
+    # How a step's prompts and new class rows start: "eclipse-code" (clovaai/ECLIPSE: identical
+    # prompts at the mean base query, identical copies of no-object's row; slow to part on short
+    # schedules) or "distinct" (prompt i as base query i*Q/P; rows no-object's plus their random
+    # init; README "ECLIPSE in this library").
+    cfg.CONT.ECLIPSE.INIT = "eclipse-code"
     # Train the shared no-object classifier in increments, as clovaai/ECLIPSE's code does (False:
     # frozen with the rest of the model, as the paper describes).
     cfg.CONT.ECLIPSE.TRAIN_NO_OBJECT = False

@@ -234,7 +234,7 @@ def test_step_prompts_and_new_classes_start_distinct():
     # Identical prompts predict the same mask and class in every image and identical class rows
     # the same logit for every new class: the synthetic_shapes 10-10 step then learned no new
     # class in 200 iterations (new PQ 2.1; 3.8 with distinct prompts; 8.1 with both distinct).
-    student, out = _start_of_step()
+    student, out = _start_of_step("CONT.ECLIPSE.INIT", "distinct")
     p = student.sem_seg_head.predictor
     q = p.query_feat.weight.shape[0]  # 6 base queries, 4 prompts: base queries 0, 1, 3, 4
     rows = [i * q // 4 for i in range(4)]
