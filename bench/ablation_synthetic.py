@@ -15,6 +15,7 @@ base; bases finished elsewhere (the demo's output, the benchmark's work folder) 
 Prints old / new / all PQ and mIoU after the last step (mean ± sd over seeds) and writes
 bench/results/ablation_<dataset>.json, rewritten after every run (the same command goes on).
 """
+
 import argparse
 import json
 import os
@@ -26,7 +27,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from continual_synthetic import DATASETS, KEYS, method_config, summarize  # noqa: E402
+from continual_synthetic import (  # noqa: E402
+    DATASETS,
+    method_config,
+    results_recorder,
+    runs_env,
+    summarize,
+)
 
 # name: (method, config options changed from the benchmark's run of that method, what it tests)
 VARIANTS = {
@@ -40,7 +47,11 @@ VARIANTS = {
         ["CONT.COMFORMER.FOCAL", "False"],
         "Mask2Former's cross-entropy instead of the focal loss, base included",
     ),
-    "comformer-inc50": ("comformer", ["CONT.INC_ITERS_PER_CLASS", "50"], "50 iterations per new class"),
+    "comformer-inc50": (
+        "comformer",
+        ["CONT.INC_ITERS_PER_CLASS", "50"],
+        "50 iterations per new class",
+    ),
     "mib": ("mib", [], "MiB's mask port as in the benchmark (KD weight 200)"),
     "mib-kd10": ("mib", ["CONT.MIB.KD_WEIGHT", "10.0"], "MiB with CoMFormer's KD weight 10"),
     "mib-kd0": ("mib", ["CONT.MIB.KD_WEIGHT", "0.0"], "MiB without distillation"),
@@ -64,19 +75,34 @@ def finished_bases(folders):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--dataset", choices=sorted(DATASETS), default="shapes")
     parser.add_argument("--scenarios", nargs="+", default=["10-10"])
     parser.add_argument("--variants", nargs="+", default=DEFAULT)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (one torch thread each)")
-    parser.add_argument("--bases", nargs="+", default=[], metavar="DIR",
-                        help="folders holding finished base steps to adopt (e.g. output/demo)")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="runs in parallel (one torch thread each)"
+    )
+    parser.add_argument(
+        "--bases",
+        nargs="+",
+        default=[],
+        metavar="DIR",
+        help="folders holding finished base steps to adopt (e.g. output/demo)",
+    )
     parser.add_argument("--workdir", default=None, help="default output/ablation_<dataset>")
-    parser.add_argument("--output", default=None, help="default bench/results/ablation_<dataset>.json")
+    parser.add_argument(
+        "--output", default=None, help="default bench/results/ablation_<dataset>.json"
+    )
     parser.add_argument("--list", action="store_true", help="print the variants and exit")
-    parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
-                        help="options of every run (e.g. CONT.INC_ITERS_PER_CLASS 20)")
+    parser.add_argument(
+        "--opts",
+        nargs=argparse.REMAINDER,
+        default=[],
+        help="options of every run (e.g. CONT.INC_ITERS_PER_CLASS 20)",
+    )
     args = parser.parse_args()  # fmt: skip
     if args.list:
         for name, (method, opts, what) in VARIANTS.items():
@@ -94,22 +120,11 @@ def main() -> int:
     workdir = REPO / (args.workdir or f"output/ablation_{args.dataset}")
     output = REPO / (args.output or f"bench/results/ablation_{args.dataset}.json")
     output.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    env["OMP_NUM_THREADS"] = env.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))
+    env = runs_env(args.jobs)
     bases = finished_bases(args.bases)
     runs, lock = [], threading.Lock()
 
-    def record(key, out):
-        task, seed, variant = key
-        rows = json.loads((Path(out) / "results.json").read_text())
-        last = rows[-1]
-        entry = {"task": task, "seed": seed, "method": variant, "steps": rows,
-                 **{k: last.get(k) for k in KEYS}}  # fmt: skip
-        with lock:
-            runs.append(entry)
-            output.write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1))
-            print(f"{task} seed {seed} {variant}: "
-                  + ", ".join(f"{k} {last.get(k, float('nan')):.1f}" for k in KEYS), flush=True)
+    record = results_recorder(output, args, runs, lock)
 
     for seed in args.seeds:
         planned = []

@@ -87,6 +87,33 @@ def _included_runs(paths, planned, opts, parser):
     return included
 
 
+def runs_env(jobs: int) -> dict:
+    """Environment of the training processes: OMP_NUM_THREADS as set, else cores / jobs."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+    return env
+
+
+def results_recorder(output: Path, args, runs: list, lock):
+    """The ``on_done`` of run_with_own_bases: reads a finished run's results.json, adds its last
+    step to ``runs`` (key (task, seed, name)) and rewrites ``output``, so an interrupted benchmark
+    keeps what it measured."""
+
+    def record(key, out):
+        task, seed, name = key
+        rows = json.loads((Path(out) / "results.json").read_text())
+        last = rows[-1]
+        entry = {"task": task, "seed": seed, "method": name, "steps": rows,
+                 **{k: last.get(k) for k in KEYS}}  # fmt: skip
+        with lock:
+            runs.append(entry)
+            output.write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1))
+            print(f"{task} seed {seed} {name}: "
+                  + ", ".join(f"{k} {last.get(k, float('nan')):.1f}" for k in KEYS), flush=True)  # fmt: skip
+
+    return record
+
+
 def summarize(runs, dataset):
     """Mean ± sd over seeds per scenario and method, as JSON rows and as a markdown table."""
     seeds = sorted({r["seed"] for r in runs})
@@ -147,10 +174,7 @@ def main() -> int:
     workdir = REPO / (args.workdir or f"output/bench_continual_{args.dataset}")
     output = REPO / (args.output or f"bench/results/continual_{args.dataset}.json")
     output.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    env["OMP_NUM_THREADS"] = env.get(
-        "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs))
-    )
+    env = runs_env(args.jobs)
 
     def opts(task, method, seed):
         out = workdir / task / f"seed{seed}" / method
@@ -163,20 +187,7 @@ def main() -> int:
     included = _included_runs(args.include, planned, args.opts, parser)
     runs, lock = list(included), threading.Lock()
 
-    def record(key, out):
-        task, seed, method = key
-        rows = json.loads((Path(out) / "results.json").read_text())
-        last = rows[-1]
-        entry = {"task": task, "seed": seed, "method": method, "steps": rows,
-                 **{k: last.get(k) for k in KEYS}}  # fmt: skip
-        with lock:
-            runs.append(entry)
-            output.write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1))
-            print(
-                f"{task} seed {seed} {method}: "
-                + ", ".join(f"{k} {last.get(k, float('nan')):.1f}" for k in KEYS),
-                flush=True,
-            )
+    record = results_recorder(output, args, runs, lock)
 
     # Per seed, runs whose bases have the same signature (same losses, base classes and config,
     # whatever the scenario) share one base run (comformer/engine/compare.py).
