@@ -215,6 +215,11 @@ def add_comformer_config(cfg: CN) -> None:
     cfg.CONT.INC_MAX_ITER = -1
     # Base learning rate of incremental steps (-1: SOLVER.BASE_LR).
     cfg.CONT.INC_BASE_LR = -1.0
+    # Milestones of a multi-step schedule (SOLVER.STEPS) in incremental steps, as fractions of the
+    # increment's iterations: None scales the base's SOLVER.STEPS to the increment's length (a
+    # milestone at 5/6 of the base step falls at 5/6 of each increment); [] keeps the rate constant.
+    # SOLVER.STEPS counts the base step's iterations, so it cannot be reused as it is.
+    cfg.CONT.INC_LR_STEPS = None
     # A finished step-0 checkpoint to start from instead of training the base step.
     cfg.CONT.BASE_WEIGHTS = ""
     # Keep the classifier rows of old classes fixed during incremental steps.

@@ -56,6 +56,23 @@ def _id2rgb(ids):
     return np.stack([ids % 256, ids // 256 % 256, ids // 65536], axis=-1).astype(np.uint8)
 
 
+def test_increment_lr_milestones_follow_the_increment():
+    """SOLVER.STEPS counts base iterations (here 300, one milestone at 250 = 5/6): an increment
+    of 500 iterations puts it at 5/6 of its own length, or where CONT.INC_LR_STEPS says."""
+    base = ("SOLVER.MAX_ITER", "300", "SOLVER.STEPS", "(250, 400)")  # 400: never reached
+    cfg = _cfg(*base)
+    scenario = build_scenario(cfg)
+    assert step_config(cfg, scenario, 0).SOLVER.STEPS == (250, 400)
+    assert step_config(cfg, scenario, 1).SOLVER.STEPS == (417,)  # 250/300 * 500 = 416.7
+    cfg = _cfg(*base, "CONT.INC_LR_STEPS", "[0.5, 0.9]")
+    assert step_config(cfg, scenario, 1).SOLVER.STEPS == (250, 450)
+    cfg = _cfg(*base, "CONT.INC_LR_STEPS", "[]")
+    assert step_config(cfg, scenario, 1).SOLVER.STEPS == ()
+    cfg = _cfg(*base, "CONT.INC_LR_STEPS", "[0.5, 1.5]")
+    with pytest.raises(ValueError, match=r"CONT.INC_LR_STEPS=\[0.5, 1.5\].*\(0, 1\).*1.5"):
+        step_config(cfg, scenario, 1)
+
+
 def test_panoptic_mapper_remaps_and_removes_classes(tmp_path):
     ids = np.zeros((8, 8), dtype=np.int64)
     ids[:4] = 1  # class 3 (kept, model index 1 after the order below)

@@ -2,12 +2,12 @@
 rate, and the class groups its results are reported on."""
 
 import os
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 from ..continual import build_method
 from ..data.scenario import Scenario
 
-__all__ = ["step_dir", "step_iterations", "step_config", "step_splits"]
+__all__ = ["step_dir", "step_iterations", "increment_lr_steps", "step_config", "step_splits"]
 
 
 def step_dir(output_dir: str, step: int) -> str:
@@ -38,11 +38,34 @@ def step_iterations(cfg, scenario: Scenario, step: int) -> int:
     return cfg.SOLVER.MAX_ITER
 
 
+def increment_lr_steps(cfg, iterations: int) -> Tuple[int, ...]:
+    """
+    SOLVER.STEPS of an increment of ``iterations`` iterations. SOLVER.STEPS counts the base
+    step's iterations; an increment places its milestones at the same fractions of its own length
+    (CONT.INC_LR_STEPS None), at the fractions CONT.INC_LR_STEPS lists, or nowhere (``[]``).
+    Milestones the base never reaches (beyond SOLVER.MAX_ITER) stay unreached.
+    """
+    fractions = cfg.CONT.INC_LR_STEPS
+    if fractions is None:
+        base = cfg.SOLVER.MAX_ITER
+        fractions = [s / base for s in cfg.SOLVER.STEPS if s < base]
+    else:
+        bad = [f for f in fractions if not (isinstance(f, (int, float)) and 0 < f < 1)]
+        if bad:
+            raise ValueError(
+                f"CONT.INC_LR_STEPS={list(fractions)}: fractions of the increment's iterations "
+                f"must lie in (0, 1) (bad: {bad}); [] keeps the rate constant, None scales "
+                "SOLVER.STEPS"
+            )
+    return tuple(sorted(max(1, round(f * iterations)) for f in fractions))
+
+
 def step_config(cfg, scenario: Scenario, step: int):
     """
     The frozen config of one step: its folder, the classifier size (the classes seen so far,
     ``MODEL.SEM_SEG_HEAD.NUM_CLASSES``), iterations and learning rate. An increment continues from
-    the previous step (no MODEL.WEIGHTS, CONT.INC_BASE_LR); the base step and every step of an
+    the previous step (no MODEL.WEIGHTS, CONT.INC_BASE_LR, milestones by
+    :func:`increment_lr_steps`); the base step and every step of an
     offline method start from MODEL.WEIGHTS with the base schedule.
     """
     out = cfg.clone()
@@ -63,6 +86,7 @@ def step_config(cfg, scenario: Scenario, step: int):
         if overrides:
             out.merge_from_list([x for kv in overrides.items() for x in kv])
             out.SOLVER.WARMUP_ITERS = min(out.SOLVER.WARMUP_ITERS, out.SOLVER.MAX_ITER // 10)
+        out.SOLVER.STEPS = increment_lr_steps(cfg, out.SOLVER.MAX_ITER)
     # The runner evaluates once per step with the split evaluator.
     out.TEST.EVAL_PERIOD = 0
     out.freeze()
