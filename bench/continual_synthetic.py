@@ -18,7 +18,8 @@ writes the JSON (default bench/results/continual_<dataset>.json).
 
 The JSON is rewritten after every run, so an interrupted benchmark keeps what it measured; the same
 command again goes on (finished steps are skipped, a killed step resumes from its checkpoint).
-Extra config options go after --opts (e.g. --opts CONT.COMFORMER.KD_WEIGHT 2). Runs of earlier
+Extra config options go after --opts (e.g. --opts CONT.COMFORMER.KD_WEIGHT 2); a row of a method
+with options of its own is a --variant (LABEL METHOD KEY VALUE ...). Runs of earlier
 invocations (other seeds, say) join the table and the JSON with --include:
 
     .venv/bin/python bench/continual_synthetic.py --seeds 1 2 --include bench/results/seed0.json \
@@ -94,10 +95,11 @@ def runs_env(jobs: int) -> dict:
     return env
 
 
-def results_recorder(output: Path, args, runs: list, lock):
+def results_recorder(output: Path, args, runs: list, lock, variants=None):
     """The ``on_done`` of run_with_own_bases: reads a finished run's results.json, adds its last
     step to ``runs`` (key (task, seed, name)) and rewrites ``output``, so an interrupted benchmark
-    keeps what it measured."""
+    keeps what it measured. ``variants``: label -> (method, extra options), recorded with the run.
+    """
 
     def record(key, out):
         task, seed, name = key
@@ -105,6 +107,8 @@ def results_recorder(output: Path, args, runs: list, lock):
         last = rows[-1]
         entry = {"task": task, "seed": seed, "method": name, "steps": rows,
                  **{k: last.get(k) for k in KEYS}}  # fmt: skip
+        if variants and name in variants:
+            entry["variant_of"], entry["variant_opts"] = variants[name]
         with lock:
             runs.append(entry)
             output.write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1))
@@ -160,6 +164,15 @@ def main() -> int:
         metavar="JSON",
         help="results JSON of earlier runs (e.g. other seeds) to add to the table",
     )
+    parser.add_argument(
+        "--variant",
+        nargs="+",
+        action="append",
+        default=[],
+        metavar="LABEL METHOD [KEY VALUE ...]",
+        help="a row LABEL: METHOD's config with these options after --opts (repeatable), e.g. "
+        "--variant eclipse-x4 eclipse CONT.INC_ITERS_PER_CLASS 80",
+    )
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[])
     args = parser.parse_args()
 
@@ -171,23 +184,35 @@ def main() -> int:
     unknown = [m for m in args.methods if m not in registered]
     if unknown:
         parser.error(f"unknown method(s) {unknown}; valid: {', '.join(sorted(registered))}")
+    # Rows: label -> (method, its extra options); a method runs as itself.
+    rows = {m: (m, []) for m in args.methods}
+    for variant in args.variant:
+        if len(variant) < 2 or len(variant) % 2:
+            parser.error(f"--variant {' '.join(variant)}: expected LABEL METHOD [KEY VALUE ...]")
+        label, method, extra = variant[0], variant[1], variant[2:]
+        if method not in registered:
+            parser.error(f"--variant {label}: unknown method {method!r}; valid: "
+                         f"{', '.join(sorted(registered))}")  # fmt: skip
+        if label in rows or label in registered:
+            parser.error(f"--variant {label}: the label is taken (a method or another variant)")
+        rows[label] = (method, extra)
     workdir = REPO / (args.workdir or f"output/bench_continual_{args.dataset}")
     output = REPO / (args.output or f"bench/results/continual_{args.dataset}.json")
     output.parent.mkdir(parents=True, exist_ok=True)
     env = runs_env(args.jobs)
 
-    def opts(task, method, seed):
-        out = workdir / task / f"seed{seed}" / method
+    def opts(task, label, seed):
+        out = workdir / task / f"seed{seed}" / label
+        method, extra = rows[label]
         return out, ["SEED", str(seed), "MODEL.DEVICE", args.device, "CONT.METHOD", method,
-                     "CONT.VIS_IMAGES", "0", "OUTPUT_DIR", str(out), *args.opts]  # fmt: skip
+                     "CONT.VIS_IMAGES", "0", "OUTPUT_DIR", str(out), *args.opts, *extra]  # fmt: skip
 
-    planned = {
-        (task, seed, m) for task in args.scenarios for seed in args.seeds for m in args.methods
-    }
+    planned = {(task, seed, m) for task in args.scenarios for seed in args.seeds for m in rows}
     included = _included_runs(args.include, planned, args.opts, parser)
     runs, lock = list(included), threading.Lock()
 
-    record = results_recorder(output, args, runs, lock)
+    variants = {label: row for label, row in rows.items() if label not in args.methods}
+    record = results_recorder(output, args, runs, lock, variants)
 
     # Per seed, runs whose bases have the same signature (same losses, base classes and config,
     # whatever the scenario) share one base run (comformer/engine/compare.py).
@@ -195,9 +220,13 @@ def main() -> int:
         start = time.perf_counter()
         owners = run_with_own_bases(
             [
-                ((task, seed, m), str(method_config(args.dataset, task, m)), opts(task, m, seed)[1])
+                (
+                    (task, seed, label),
+                    str(method_config(args.dataset, task, rows[label][0])),
+                    opts(task, label, seed)[1],
+                )
                 for task in args.scenarios
-                for m in args.methods
+                for label in rows
             ],
             train_net=str(REPO / "tools/train_net.py"),
             jobs=args.jobs,
