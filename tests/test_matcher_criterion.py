@@ -252,10 +252,10 @@ def test_matcher_rejects_bad_arguments():
 def centre_points(monkeypatch):
     """Make the criterion's importance sampling return the 4 pixel centres of a 2x2 map."""
 
-    def fake(pred, *args, **kwargs):
-        return CENTRES_2X2[None].expand(pred.shape[0], -1, -1).clone()
+    def fake(pred, *args, **kwargs):  # grid_sample's [-1, 1] coordinates
+        return (2 * CENTRES_2X2 - 1)[None].expand(pred.shape[0], -1, -1).clone()
 
-    monkeypatch.setattr(criterion_module, "uncertain_point_coords", fake)
+    monkeypatch.setattr(criterion_module, "uncertain_point_grid", fake)
 
 
 def _hand_outputs():
@@ -510,6 +510,15 @@ def test_uncertain_point_coords_are_detectron2s_points(num_masks, ratio, importa
         return torch.gather(coords, 1, keys.argsort(dim=1)[..., None].expand(-1, -1, 2))
 
     assert torch.equal(as_set(ours[:, :k]), as_set(ref[:, :k]))
+    # The criterion samples at the [-1, 1] grid directly: the same values as point_sample.
+    from detectron2.projects.point_rend.point_features import point_sample
+
+    torch.manual_seed(0)
+    grid = criterion_module.uncertain_point_grid(pred, *args)
+    assert torch.equal((grid + 1) / 2, ours) and torch.equal(grid, 2 * ours - 1)
+    assert torch.equal(
+        criterion_module._sample_at(pred, grid), point_sample(pred, ours, align_corners=False)
+    )
 
 
 def test_pairwise_sigmoid_ce_is_mask2formers_two_products():

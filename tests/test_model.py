@@ -133,3 +133,33 @@ def test_inference_outputs_follow_detectron2_contract(activation):
     pan, info = outputs[0]["panoptic_seg"]
     assert pan.shape == (120, 140) and pan.dtype == torch.int32
     assert set(torch.unique(pan).tolist()) <= {0} | {s["id"] for s in info}
+
+
+@pytest.mark.parametrize("norm", ["BN", "FrozenBN"])
+def test_channels_last_pool_stem_equals_detectron2_stem(norm):
+    """The stem pools in channels-last on CPU: the same output and the same gradients, bit for
+    bit, as detectron2's BasicStem with the same weights (ties after the ReLU are zeros, whose
+    gradient the ReLU drops whichever of them the pool picks)."""
+    from detectron2.modeling.backbone.resnet import BasicStem
+
+    from comformer.modeling.backbone.stem import ChannelsLastPoolStem
+
+    torch.manual_seed(0)
+    reference = BasicStem(3, 16, norm=norm)
+    fast = ChannelsLastPoolStem(3, 16, norm=norm)
+    fast.load_state_dict(reference.state_dict())
+    reference.train(), fast.train()
+    x = torch.randn(2, 3, 37, 50)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = reference(x1), fast(x2)
+    assert y2.is_contiguous() and torch.equal(y1, y2)
+    g = torch.randn_like(y1)
+    y1.backward(g), y2.backward(g)
+    assert torch.equal(x1.grad, x2.grad)
+    for (name, p1), p2 in zip(reference.named_parameters(), fast.parameters()):
+        assert torch.equal(p1.grad, p2.grad), name
+
+
+def test_models_use_the_channels_last_pool_stem():
+    model = build_model(_cfg(SYNTHETIC_CFG))
+    assert type(model.backbone.stem).__name__ == "ChannelsLastPoolStem"

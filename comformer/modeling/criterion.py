@@ -11,13 +11,18 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from detectron2.config import configurable
-from detectron2.projects.point_rend.point_features import point_sample
 from detectron2.utils.comm import get_world_size
 
 from .mask_losses import dice_loss, sigmoid_ce_loss, softmax_ce_loss
 from .matcher import HungarianMatcher, check_mask_activation
 
-__all__ = ["SetCriterion", "ClassLoss", "build_loss_weight_dict", "uncertain_point_coords"]
+__all__ = [
+    "SetCriterion",
+    "ClassLoss",
+    "build_loss_weight_dict",
+    "uncertain_point_coords",
+    "uncertain_point_grid",
+]
 
 Indices = List[Tuple[Tensor, Tensor]]
 # A classification loss replacing Mask2Former's: (logits (B, Q, K+1), target classes (B, Q) int64
@@ -51,7 +56,15 @@ def _uncertainty_of_probs(point_probs: Tensor) -> Tensor:
     return -(2 * point_probs - 1).abs()
 
 
-def uncertain_point_coords(
+def _sample_at(input: Tensor, grid: Tensor) -> Tensor:
+    """detectron2's ``point_sample`` for points already in grid_sample's [-1, 1] coordinates:
+    (M, C, H, W) at (M, P, 2) -> (M, C, P). ``point_sample`` maps [0, 1] coordinates with
+    ``2 * u - 1`` first, which is exact for the values ``torch.rand`` draws (multiples of 2^-24),
+    so sampling at ``2 * u - 1`` computed once gives the same values."""
+    return F.grid_sample(input, grid.unsqueeze(2), align_corners=False).squeeze(3)
+
+
+def uncertain_point_grid(
     pred: Tensor,
     uncertainty: Callable[[Tensor], Tensor],
     num_points: int,
@@ -62,31 +75,48 @@ def uncertain_point_coords(
     PointRend's training points (detectron2's ``get_uncertain_point_coords_with_randomness``, which
     Mask2Former uses): ``int(num_points * oversample_ratio)`` uniform candidates per mask, the
     ``int(importance_sample_ratio * num_points)`` most uncertain of them, then uniform points up to
-    ``num_points``.
+    ``num_points``; in grid_sample's [-1, 1] coordinates.
 
-    The same random draws in the same order as detectron2's, so the same points; the uncertain
-    ones are taken with an unsorted top-k and a gather (detectron2 sorts them by uncertainty and
-    indexes a flattened copy, which cost a third of the function on CPU): their order within a
-    mask differs, which changes the losses (means over points) by float rounding only.
+    The same random draws in the same order as detectron2's, so the same points: ``uniform_(-1,
+    1)`` turns each 24-bit draw ``u`` into ``2 u - 1`` exactly where ``torch.rand`` gives ``u`` and
+    ``point_sample`` computes ``2 u - 1`` (exact in float32), without the two passes over the
+    candidates that the conversion costs. The uncertain points are taken with an unsorted top-k
+    and a gather (detectron2 sorts them by uncertainty and indexes a flattened copy, which cost a
+    third of the function on CPU): their order within a mask differs, which changes the losses
+    (means over points) by float rounding only.
 
     Args:
         pred: (M, 1, H, W) predictions the uncertainty is measured on.
         uncertainty: (M, 1, P') sampled predictions -> (M, 1, P') uncertainties.
 
     Returns:
-        (M, num_points, 2) coordinates in [0, 1].
+        (M, num_points, 2) coordinates in [-1, 1].
     """
     num_masks = pred.shape[0]
     num_candidates = int(num_points * oversample_ratio)
     num_uncertain = int(importance_sample_ratio * num_points)
-    coords = torch.rand(num_masks, num_candidates, 2, device=pred.device)
-    scores = uncertainty(point_sample(pred, coords, align_corners=False))[:, 0]
+    grid = torch.empty(num_masks, num_candidates, 2, device=pred.device).uniform_(-1, 1)
+    scores = uncertainty(_sample_at(pred, grid))[:, 0]
     idx = torch.topk(scores, k=num_uncertain, dim=1, sorted=False)[1]
-    chosen = torch.gather(coords, 1, idx.unsqueeze(-1).expand(-1, -1, 2))
+    chosen = torch.gather(grid, 1, idx.unsqueeze(-1).expand(-1, -1, 2))
     if num_points > num_uncertain:
-        rest = torch.rand(num_masks, num_points - num_uncertain, 2, device=pred.device)
-        chosen = torch.cat([chosen, rest], dim=1)
+        rest = torch.empty(num_masks, num_points - num_uncertain, 2, device=pred.device)
+        chosen = torch.cat([chosen, rest.uniform_(-1, 1)], dim=1)
     return chosen
+
+
+def uncertain_point_coords(
+    pred: Tensor,
+    uncertainty: Callable[[Tensor], Tensor],
+    num_points: int,
+    oversample_ratio: float,
+    importance_sample_ratio: float,
+) -> Tensor:
+    """:func:`uncertain_point_grid` in [0, 1] coordinates (detectron2's), (M, num_points, 2)."""
+    grid = uncertain_point_grid(
+        pred, uncertainty, num_points, oversample_ratio, importance_sample_ratio
+    )
+    return (grid + 1) / 2
 
 
 def _stack_target_masks(masks: Sequence[Tensor], like: Tensor) -> Tensor:
@@ -311,19 +341,17 @@ class SetCriterion(nn.Module):
             # in fp16.
             log_probs = pred_masks.float().log_softmax(1)[src_idx][:, None]  # (M, 1, H, W)
             probs = log_probs.exp()
-            point_coords, point_labels = self._sample_points(
-                probs, tgt_masks, _uncertainty_of_probs
-            )
-            point_probs = point_sample(probs, point_coords, align_corners=False)[:, 0]
-            point_log_probs = point_sample(log_probs, point_coords, align_corners=False)[:, 0]
+            point_grid, point_labels = self._sample_points(probs, tgt_masks, _uncertainty_of_probs)
+            point_probs = _sample_at(probs, point_grid)[:, 0]
+            point_log_probs = _sample_at(log_probs, point_grid)[:, 0]
             return {
                 "loss_mask": softmax_ce_loss(point_log_probs, point_labels, num_masks),
                 "loss_dice": dice_loss(point_probs, point_labels, num_masks),
             }
 
         logits = pred_masks[src_idx][:, None]  # (M, 1, H, W)
-        point_coords, point_labels = self._sample_points(logits, tgt_masks, _uncertainty_of_logits)
-        point_logits = point_sample(logits, point_coords, align_corners=False)[:, 0]
+        point_grid, point_labels = self._sample_points(logits, tgt_masks, _uncertainty_of_logits)
+        point_logits = _sample_at(logits, point_grid)[:, 0]
         return {
             "loss_mask": sigmoid_ce_loss(point_logits, point_labels, num_masks),
             "loss_dice": dice_loss(point_logits.sigmoid(), point_labels, num_masks),
@@ -339,19 +367,20 @@ class SetCriterion(nn.Module):
             uncertainty: maps (M, 1, P) sampled predictions to (M, 1, P) uncertainties.
 
         Returns:
-            point coordinates (M, P, 2) in [0, 1], and target values there (M, P).
+            point coordinates (M, P, 2) in grid_sample's [-1, 1], and target values there (M,
+            P).
         """
         # Choosing points is not differentiable and must not keep the candidates' graph.
         with torch.no_grad():
-            point_coords = uncertain_point_coords(
+            point_grid = uncertain_point_grid(
                 pred,
                 uncertainty,
                 self.num_points,
                 self.oversample_ratio,
                 self.importance_sample_ratio,
             )
-            point_labels = point_sample(tgt_masks, point_coords, align_corners=False)[:, 0]
-        return point_coords, point_labels
+            point_labels = _sample_at(tgt_masks, point_grid)[:, 0]
+        return point_grid, point_labels
 
     # ------------------------------------------------------------------ indices
     @staticmethod

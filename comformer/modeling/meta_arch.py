@@ -20,6 +20,7 @@ from detectron2.modeling.backbone import Backbone
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
 
+from .backbone.stem import use_channels_last_pool
 from .criterion import ClassLoss, SetCriterion
 from .inference import (
     CLASS_ACTIVATIONS,
@@ -185,7 +186,7 @@ class MaskFormer(nn.Module):
 
     @classmethod
     def from_config(cls, cfg):
-        backbone = build_backbone(cfg)
+        backbone = use_channels_last_pool(build_backbone(cfg))
         mf = cfg.MODEL.MASK_FORMER
         if mf.PER_PIXEL:
             # MODEL.SEM_SEG_HEAD.NAME names the mask-classification head; the switch replaces it.
