@@ -24,6 +24,7 @@ invocations (other seeds, say) join the table and the JSON with --include:
 
     .venv/bin/python bench/continual_synthetic.py --seeds 1 2 --include bench/results/seed0.json \
         --output bench/results/all_seeds.json
+    .venv/bin/python bench/continual_synthetic.py --seeds --include a.json b.json --output c.json
 """
 
 import argparse
@@ -148,7 +149,13 @@ def main() -> int:
     parser.add_argument("--dataset", choices=sorted(DATASETS), default="shapes")
     parser.add_argument("--scenarios", nargs="+", default=["10-10", "10-2"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="*",
+        default=[0, 1, 2],
+        help="seeds to run; none (--seeds with no value) only tabulates --include",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
         "--jobs", type=int, default=1, help="runs in parallel (one torch thread each)"
