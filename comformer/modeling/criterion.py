@@ -342,8 +342,11 @@ class SetCriterion(nn.Module):
             log_probs = pred_masks.float().log_softmax(1)[src_idx][:, None]  # (M, 1, H, W)
             probs = log_probs.exp()
             point_grid, point_labels = self._sample_points(probs, tgt_masks, _uncertainty_of_probs)
-            point_probs = _sample_at(probs, point_grid)[:, 0]
-            point_log_probs = _sample_at(log_probs, point_grid)[:, 0]
+            # One sampling pass for both maps: the bilinear weights are computed once, each
+            # channel's values are those of sampling it alone.
+            point_probs, point_log_probs = _sample_at(
+                torch.cat([probs, log_probs], dim=1), point_grid
+            ).unbind(1)
             return {
                 "loss_mask": softmax_ce_loss(point_log_probs, point_labels, num_masks),
                 "loss_dice": dice_loss(point_probs, point_labels, num_masks),
